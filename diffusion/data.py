@@ -1,0 +1,321 @@
+"""LightningDataModule serving images in [-1, 1] with their class labels.
+
+MNIST, Fashion-MNIST and CIFAR-10 are read from the files torchvision downloads (``<data_dir>/MNIST/raw``,
+``<data_dir>/FashionMNIST/raw``, ``<data_dir>/cifar-10-batches-py``); a folder of images is read with PIL.
+The readers are our own rather than torchvision's datasets because those insist on the extracted MNIST files
+and on CIFAR-10's md5 sums, so a read-only offline copy of the ``.gz`` files or a local CIFAR-10 in the same
+format would not load; torchvision still does the downloading when ``download=True``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from diffusion.errors import ConfigError, DataError
+
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "folder")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+DATA_DIR_ENV = "DIFFUSION_DATA_DIR"
+_IDX_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+
+# --- readers -------------------------------------------------------------------------------------------
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format), gzipped or not."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+        magic = int.from_bytes(raw[:4], "big")
+        if magic >> 8 != 0x08:  # 0x08: unsigned bytes, the only type MNIST uses
+            raise ConfigError(f"magic number {magic:#x} is not that of an unsigned-byte IDX file")
+        ndim = magic & 0xFF
+        shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, EOFError, ValueError) as e:
+        raise DataError(f"Cannot read {path}: {e}. The file is corrupt or truncated: delete it and download again.")
+
+
+def load_idx_dataset(data_dir: Path, name: str, train: bool) -> tuple[Tensor, Tensor]:
+    raw = data_dir / _IDX_FOLDERS[name] / "raw"
+    prefix = "train" if train else "t10k"
+    arrays = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        candidates = [raw / f"{prefix}-{kind}", raw / f"{prefix}-{kind}.gz"]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise DataError(
+                f"{_IDX_FOLDERS[name]} not found: no {candidates[0]} or {candidates[1].name}. Point --data.data_dir "
+                f"(or ${DATA_DIR_ENV}) at the folder that contains {_IDX_FOLDERS[name]}/raw, or pass "
+                "--data.download true to download it there."
+            )
+        arrays.append(read_idx(path))
+    images, labels = arrays
+    if images.ndim != 3 or len(images) != len(labels):
+        raise DataError(f"{raw}: {images.shape[0]} images but {len(labels)} labels; the files do not belong together.")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_cifar10(data_dir: Path, train: bool) -> tuple[Tensor, Tensor]:
+    """CIFAR-10 from the python pickles of ``cifar-10-batches-py``."""
+    folder = data_dir / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    images, labels = [], []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise DataError(
+                f"CIFAR-10 not found: no {path}. Point --data.data_dir (or ${DATA_DIR_ENV}) at the folder that "
+                "contains cifar-10-batches-py, or pass --data.download true to download it there."
+            )
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            batch_labels = entry.get("labels", entry.get("fine_labels"))
+            if batch_labels is None or len(batch_labels) != len(data):
+                raise ConfigError("labels are missing or do not match the images")
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as e:
+            raise DataError(f"Cannot read CIFAR-10 batch {path}: {e}. Delete the folder and download it again.")
+        images.append(torch.from_numpy(data.copy()))
+        labels.append(torch.as_tensor(batch_labels, dtype=torch.long))
+    return torch.cat(images), torch.cat(labels)
+
+
+def find_images(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """Image files under ``root``; one class per sub-folder (all 0 when the images sit in ``root`` itself)."""
+    if not root.is_dir():
+        raise DataError(f"Image folder {root} does not exist: set --data.data_dir to a folder of images.")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(
+            f"No images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}): put images there, "
+            "or point --data.data_dir at the right folder."
+        )
+    classes = sorted({p.parent.relative_to(root).parts[0] if p.parent != root else "" for p in files})
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[p.parent.relative_to(root).parts[0] if p.parent != root else ""] for p in files]
+    return files, labels, classes
+
+
+# --- datasets ------------------------------------------------------------------------------------------
+def _to_unit_range(images: Tensor) -> Tensor:
+    return images.float().div(127.5).sub(1.0)
+
+
+def convert_channels(images: Tensor, channels: int) -> Tensor:
+    """uint8 or float [N, C, H, W] to ``channels`` (grayscale <-> RGB, ITU-R 601 luma like PIL's 'L')."""
+    if images.shape[1] == channels:
+        return images
+    if channels == 3 and images.shape[1] == 1:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    if channels == 1 and images.shape[1] == 3:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(images.dtype)
+    raise ConfigError(f"Cannot convert {images.shape[1]}-channel images to {channels} channels.")
+
+
+class TensorImages(Dataset):
+    """In-memory uint8 images, already at the target size; returns (image in [-1, 1], label)."""
+
+    def __init__(self, images: Tensor, labels: Tensor, random_flip: bool = False) -> None:
+        self.images, self.labels, self.random_flip = images, labels, random_flip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x = _to_unit_range(self.images[i])
+        if self.random_flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.labels[i]
+
+
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """uint8 [N, C, h, w] to [N, C, size, size]: scale the short side to ``size``, then center-crop."""
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return images
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    out = []
+    for chunk in images.split(4096):
+        out.append(F.interpolate(chunk.float(), (new_h, new_w), mode="bilinear", antialias=True, align_corners=False))
+    x = torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return x[..., top : top + size, left : left + size].contiguous()
+
+
+class FolderImages(Dataset):
+    """Images read with PIL on access: resized (short side) and center-cropped to ``image_size``."""
+
+    def __init__(self, files: list[Path], labels: list[int], image_size: int, channels: int, random_flip: bool) -> None:
+        self.files, self.labels = files, labels
+        self.image_size, self.mode, self.random_flip = image_size, "L" if channels == 1 else "RGB", random_flip
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        path = self.files[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert(self.mode)
+                array = np.asarray(img, dtype=np.uint8)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise DataError(f"Cannot read image {path}: {e}. Remove or replace this file.") from e
+        x = torch.from_numpy(array.copy())
+        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+        x = _to_unit_range(resize_images(x.unsqueeze(0), self.image_size)[0])
+        if self.random_flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, torch.tensor(self.labels[i])
+
+
+# --- the data module -----------------------------------------------------------------------------------
+class DiffusionDataModule(LightningDataModule):
+    """Images normalised to [-1, 1], with labels, for training a diffusion model.
+
+    Args:
+        dataset: ``mnist``, ``fashion_mnist``, ``cifar10``, or ``folder`` (``data_dir`` is a folder of images,
+            one class per sub-folder if it has any).
+        data_dir: where the data sets live; by default ``$DIFFUSION_DATA_DIR``, else ``./data``.
+        image_size: side of the square images served (images are resized and center-cropped to it).
+        channels: 1 (grayscale) or 3 (RGB); images are converted as needed.
+        batch_size: per device; the global batch is batch_size x devices x nodes.
+        num_workers: DataLoader worker processes.
+        val_fraction: share of the training split held out for validation (fixed seed).
+        random_flip: random horizontal flips for training (off for digits).
+        download: download MNIST/Fashion-MNIST/CIFAR-10 into ``data_dir`` if it is missing.
+        predict_samples: how many images ``predict`` generates.
+        seed: seed of the train/validation split.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "mnist",
+        data_dir: Optional[str] = None,
+        image_size: int = 28,
+        channels: int = 1,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        val_fraction: float = 0.05,
+        random_flip: bool = False,
+        download: bool = False,
+        predict_samples: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ConfigError(f"Unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}.")
+        if image_size < 1:
+            raise ConfigError(f"image_size must be positive, got {image_size}.")
+        if channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}.")
+        if not 0 <= val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        if num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}.")
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.data_dir = Path(data_dir or os.environ.get(DATA_DIR_ENV) or "data").expanduser()
+        self.image_size, self.channels = image_size, channels
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.val_fraction, self.random_flip, self.download = val_fraction, random_flip, download
+        self.predict_samples, self.seed = predict_samples, seed
+        self.classes: list[str] = []
+        self.train_set: Optional[Dataset] = None
+        self.val_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
+
+    def prepare_data(self) -> None:
+        if not self.download or self.dataset == "folder":
+            return
+        try:  # already there (torchvision would download again next to a copy of only the .gz files)
+            for train in (True, False):
+                self._load_arrays(train)
+            return
+        except DataError:
+            pass
+        import torchvision.datasets as tvd  # only needed for downloading
+
+        cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[self.dataset]
+        try:
+            for train in (True, False):
+                cls(str(self.data_dir), train=train, download=True)
+        except Exception as e:  # URLError, HTTPError, md5 mismatch, ...
+            raise DataError(
+                f"Downloading {self.dataset} into {self.data_dir} failed ({type(e).__name__}: {e}). Without "
+                "internet, copy the files torchvision downloads there and point --data.data_dir at them."
+            ) from e
+
+    def _load_arrays(self, train: bool) -> tuple[Tensor, Tensor]:
+        if self.dataset == "cifar10":
+            return load_cifar10(self.data_dir, train)
+        return load_idx_dataset(self.data_dir, self.dataset, train)
+
+    def _split(self, train: bool, random_flip: bool) -> Dataset:
+        if self.dataset == "folder":
+            files, labels, self.classes = find_images(self.data_dir)
+            return FolderImages(files, labels, self.image_size, self.channels, random_flip)
+        images, labels = self._load_arrays(train)
+        if self.dataset == "cifar10":
+            self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        else:
+            self.classes = [str(i) for i in range(int(labels.max()) + 1)]
+        images = resize_images(convert_channels(images, self.channels), self.image_size)
+        return TensorImages(images, labels, random_flip)
+
+    def _train_val_indices(self, n: int) -> tuple[list[int], list[int]]:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_val = int(round(n * self.val_fraction))
+        if n - n_val < 1:
+            raise DataError(f"Only {n} images: too few to hold out {self.val_fraction:.0%} for validation.")
+        return perm[n_val:], perm[:n_val]
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        full = self._split(train=True, random_flip=self.random_flip)
+        plain = self._split(train=True, random_flip=False) if self.random_flip else full
+        train_idx, val_idx = self._train_val_indices(len(full))
+        self.train_set, self.val_set = Subset(full, train_idx), Subset(plain, val_idx)
+        # A folder has no official test split: its validation split stands in.
+        self.test_set = self.val_set if self.dataset == "folder" else self._split(train=False, random_flip=False)
+
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # drop_last keeps every batch the same shape (no recompilation, no tiny last batch in the loss).
+        return self._loader(self.train_set, shuffle=True, drop_last=len(self.train_set) > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        # Indices, not images: each batch seeds its own samples (see DiffusionModel.predict_step).
+        return DataLoader(torch.arange(self.predict_samples), batch_size=self.batch_size)
