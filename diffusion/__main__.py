@@ -1,0 +1,3 @@
+from diffusion.cli import main
+
+main()

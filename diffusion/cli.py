@@ -1,0 +1,203 @@
+"""Command line: LightningCLI with ``fit``, ``validate``, ``test``, ``predict`` and our ``sample``.
+
+    python -m diffusion fit --config configs/mnist.yaml
+    python -m diffusion sample --config configs/mnist.yaml --ckpt_path CKPT --out samples.png
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torchvision.utils import save_image
+
+from diffusion.data import DiffusionDataModule
+from diffusion.module import DiffusionModel
+from diffusion.errors import CheckpointError, ConfigError, find_user_error
+
+
+def unreadable_checkpoint(path, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"Cannot read checkpoint {path} ({type(error).__name__}: {error}). It is truncated or not a Lightning "
+        "checkpoint: use another one, e.g. last.ckpt or a periodic one from the same run."
+    )
+
+
+def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> dict:
+    """Load a Lightning checkpoint's ``state_dict`` (the EMA weights, where the EMA callback ran) into
+    ``model``, with errors that say what is wrong with the file."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint not found: {path}. Pass the path of a .ckpt file written by `fit`.")
+    try:
+        checkpoint = load_checkpoint_file(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load raises many types for a truncated or foreign file
+        raise unreadable_checkpoint(path, e) from e
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'.")
+    state = checkpoint["state_dict"]
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        details = "; ".join(
+            f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+            if items
+        )
+        raise CheckpointError(
+            f"Checkpoint {path} was trained with a different model than the config describes ({details}). "
+            "Use the config the checkpoint was trained with (its run directory holds config.yaml)."
+        )
+    model.load_state_dict(state)
+    return checkpoint
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: Optional[int] = None) -> Path:
+    """Images in [-1, 1] as a PNG grid, ``nrow`` per row (a square grid by default)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    save_image(images.float().add(1).div(2).clamp(0, 1), path, nrow=nrow, padding=2)
+    return path
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C], rounded (not truncated)."""
+    x = images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+class DiffusionCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("model_class", DiffusionModel)
+        kwargs.setdefault("datamodule_class", DiffusionDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault(
+            "trainer_defaults",
+            {"logger": {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"offline": True, "project": "diffusion"}}},
+        )
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "sample": {"model", "datamodule"}}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        # LightningCLI looks every subcommand up on the Trainer; `sample` is a method of this class instead.
+        self._subcommand_parsers = {}
+        subcommands = parser.add_subcommands()
+        for name in self.subcommands():
+            klass = type(self) if name == "sample" else self.trainer_class
+            description = (getattr(klass, name).__doc__ or "").strip().split("\n")[0]
+            sub_kwargs = {"description": description, **kwargs.get(name, {})}
+            sub_parser = self._prepare_subcommand_parser(klass, name, **sub_kwargs)
+            self._subcommand_parsers[name] = sub_parser
+            subcommands.add_subcommand(name, sub_parser, help=description)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path's hyperparameters before anything else; make a bad file say so.
+        try:
+            super()._parse_ckpt_path()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), e) from e
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand != "sample":
+            return super()._run_subcommand(subcommand)
+        self.sample(**self._prepare_subcommand_kwargs(subcommand))
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Image geometry is a property of the data; the network is built to match it.
+        parser.link_arguments("data.init_args.image_size", "model.init_args.net.init_args.image_size")
+        parser.link_arguments("data.init_args.channels", "model.init_args.net.init_args.in_channels")
+
+    def before_instantiate_classes(self) -> None:
+        # Keep everything a run writes under --trainer.default_root_dir, W&B's offline files included: a
+        # logger's save_dir left at its default ('.' or None) follows default_root_dir.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir
+        if not root:
+            return
+        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        for logger in loggers:
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and init_args.get("save_dir") in (None, ".", "./"):
+                init_args.save_dir = root
+
+    def sample(
+        self,
+        model: LightningModule,
+        ckpt_path: str,
+        datamodule: Optional[LightningDataModule] = None,
+        sampler: Optional[str] = None,
+        steps: Optional[int] = None,
+        eta: Optional[float] = None,
+        num_samples: int = 64,
+        batch_size: int = 256,
+        seed: int = 0,
+        out: str = "samples.png",
+        save_npz: bool = False,
+    ) -> Path:
+        """Generate images from a checkpoint's EMA weights and write them as a PNG grid.
+
+        Args:
+            ckpt_path: checkpoint written by ``fit`` (its ``state_dict`` holds the EMA weights).
+            sampler: ``ddpm`` or ``ddim`` (default: the model's ``sample_sampler``).
+            steps: sampling steps (``ddpm`` always takes all T; default for ``ddim``: the model's ``sample_steps``).
+            eta: DDIM's noise scale (0: deterministic; 1: DDPM-like).
+            num_samples: images to generate.
+            batch_size: images per forward pass.
+            seed: seeds a CPU ``torch.Generator``: the same seed gives the same images.
+            out: PNG file for the grid.
+            save_npz: also write the images as uint8 [N, H, W, C] to ``out`` with suffix ``.npz``.
+        """
+        if num_samples < 1 or batch_size < 1:
+            raise ConfigError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}.")
+        load_weights(model, ckpt_path)
+        device = self.trainer.strategy.root_device
+        model.to(device).eval()
+        generator = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        chunks = []
+        with self.trainer.precision_plugin.forward_context():
+            for n in [batch_size] * (num_samples // batch_size) + [num_samples % batch_size]:
+                if n:
+                    chunks.append(model.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator).cpu())
+        images = torch.cat(chunks)
+        seconds = time.perf_counter() - start
+        path = save_grid(images, out)
+        if save_npz:
+            np.savez_compressed(path.with_suffix(".npz"), images=to_uint8(images))
+        rank_zero_info(f"Wrote {num_samples} samples to {path} in {seconds:.1f} s ({num_samples / seconds:.1f} images/s).")
+        return path
+
+
+def main(args=None) -> None:
+    try:
+        DiffusionCLI(args=args)
+    except Exception as e:
+        error = find_user_error(e)
+        if error is None or os.environ.get("DIFFUSION_TRACEBACK"):
+            raise
+        print(f"error: {error}\n(set DIFFUSION_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,101 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CONFIGS, ROOT
+from diffusion.cli import load_weights
+from diffusion.errors import CheckpointError
+from diffusion.unet import UNet
+from wandb_offline import read_run
+
+TINY = str(CONFIGS / "tiny.yaml")
+
+
+def cli(*args, check=True):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "diffusion", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, mnist_dir):
+    root = tmp_path_factory.mktemp("run")
+    cli("fit", "--config", TINY, "--data.data_dir", mnist_dir, "--trainer.max_steps", 20, "--trainer.log_every_n_steps", 5,
+        "--trainer.default_root_dir", root)
+    return root
+
+
+def last_ckpt(root):
+    (ckpt,) = root.rglob("last.ckpt")
+    return ckpt
+
+
+def test_fit_writes_checkpoint_config_and_offline_wandb_run_under_root(fitted):
+    ckpt = torch.load(last_ckpt(fitted), map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 20
+    assert {"state_dict", "current_model_state", "averaging_state", "optimizer_states"} <= set(ckpt)
+    assert (fitted / "config.yaml").is_file()
+    run = read_run(fitted)
+    losses = [row["train/loss"] for row in run["history"] if "train/loss" in row]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert [row["trainer/global_step"] for row in run["history"] if "train/loss" in row] == [4, 9, 14, 19]
+    assert run["config"]["net"]["init_args"]["base_channels"] == 16 and run["config"]["dataset"] == "mnist"  # the run's hyperparameters
+    assert not (ROOT / "wandb").exists()  # nothing written outside the root
+
+
+def test_sample_writes_a_reproducible_grid(fitted, tmp_path):
+    ckpt = last_ckpt(fitted)
+    common = ["sample", "--config", TINY, "--ckpt_path", ckpt, "--num_samples", 16, "--sampler", "ddim", "--eta", 1.0]
+    cli(*common, "--seed", 0, "--out", tmp_path / "a.png", "--save_npz", "true")
+    cli(*common, "--seed", 0, "--out", tmp_path / "b.png", "--batch_size", 16)
+    cli(*common, "--seed", 1, "--out", tmp_path / "c.png")
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "abc")
+    assert a.shape[:2] == (4 * 28 + 5 * 2, 4 * 28 + 5 * 2)  # 4x4 grid of 28px images, 2px padding
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    npz = np.load(tmp_path / "a.npz")["images"]
+    assert npz.shape == (16, 28, 28, 1) and npz.dtype == np.uint8
+
+
+def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path):
+    ckpt = last_ckpt(fitted)
+    cli("sample", "--config", TINY, "--ckpt_path", ckpt, "--num_samples", 4, "--sampler", "ddpm", "--out", tmp_path / "d.png")
+    assert (tmp_path / "d.png").is_file()
+    out = cli("test", "--config", TINY, "--data.data_dir", mnist_dir, "--ckpt_path", ckpt, "--trainer.limit_test_batches", 2,
+              "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path)
+    assert "test/loss" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["fit", "--model.init_args.lr", "-1"], "lr must be positive"),
+        (["fit", "--data.init_args.image_size", "32"], "attention_resolutions [7] are not resolutions"),
+        (["fit", "--data.data_dir", "/nonexistent"], "MNIST not found"),
+        (["sample", "--ckpt_path", "missing.ckpt"], "Checkpoint not found: missing.ckpt"),
+        (["sample", "--ckpt_path", "CORRUPT", "--num_samples", "2"], "Cannot read checkpoint"),
+        (["sample", "--ckpt_path", "LAST", "--sampler", "ddpm", "--steps", "50"], "all 1000 consecutive timesteps"),
+    ],
+)
+def test_bad_input_fails_with_a_message(args, message, fitted, tmp_path):
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(last_ckpt(fitted).read_bytes()[:5000])  # a checkpoint cut off mid-write
+    args = [{"CORRUPT": corrupt, "LAST": last_ckpt(fitted)}.get(a, a) for a in args]
+    proc = cli(args[0], "--config", TINY, *args[1:], "--trainer.default_root_dir", tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_checkpoint_of_another_model_is_refused(fitted):
+    other = UNet(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=[], num_heads=2)
+    wrapper = torch.nn.Module()
+    wrapper.net = other
+    with pytest.raises(CheckpointError, match="different model than the config.*shape mismatch"):
+        load_weights(wrapper, last_ckpt(fitted))
