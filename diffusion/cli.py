@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchvision.utils import save_image
 
+from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, TimestepDiagnostics
 from diffusion.data import DiffusionDataModule
 from diffusion.module import DiffusionModel
 from diffusion.errors import CheckpointError, ConfigError, find_user_error
@@ -126,6 +127,12 @@ class DiffusionCLI(LightningCLI):
         # Image geometry is a property of the data; the network is built to match it.
         parser.link_arguments("data.init_args.image_size", "model.init_args.net.init_args.image_size")
         parser.link_arguments("data.init_args.channels", "model.init_args.net.init_args.in_channels")
+        # Evaluation callbacks as top-level config groups (`fid:`, `sample_grids:`, ...): always present, and set
+        # from the command line as `--fid.num_samples 64`, which a list entry under trainer.callbacks cannot be.
+        parser.add_lightning_class_args(FIDEvaluation, "fid")
+        parser.add_lightning_class_args(SampleGrids, "sample_grids")
+        parser.add_lightning_class_args(TimestepDiagnostics, "diagnostics")
+        parser.add_lightning_class_args(Throughput, "throughput")
 
     def before_instantiate_classes(self) -> None:
         # Keep everything a run writes under --trainer.default_root_dir, W&B's offline files included: a

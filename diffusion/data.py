@@ -295,6 +295,17 @@ class DiffusionDataModule(LightningDataModule):
         # A folder has no official test split: its validation split stands in.
         self.test_set = self.val_set if self.dataset == "folder" else self._split(train=False, random_flip=False)
 
+    def reference_set(self, split: str = "train") -> Dataset:
+        """Un-augmented images for FID: ``train`` is the whole official training split (validation part
+        included, as FID is usually reported), ``test`` the held-out split (for a folder: the validation part)."""
+        if split not in ("train", "test"):
+            raise ConfigError(f"split must be 'train' or 'test', got {split!r}.")
+        if split == "test":
+            if self.test_set is None:
+                self.setup("test")
+            return self.test_set
+        return self._split(train=True, random_flip=False)
+
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return DataLoader(
             dataset,

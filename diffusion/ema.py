@@ -80,6 +80,17 @@ class EMA(WeightAveraging):
         if self._device is None and self._average_model is not None:
             self._average_model.to(pl_module.device)
 
+    def _swap_models(self, pl_module: LightningModule) -> None:
+        super()._swap_models(pl_module)
+        self._swapped = not getattr(self, "_swapped", False)
+
+    def ema_holder(self, pl_module: LightningModule) -> LightningModule:
+        """The module that holds the EMA weights right now: the average, or ``pl_module`` while they are swapped
+        in (validation, test, predict) or when there is no average (outside ``fit``)."""
+        if self._average_model is None or getattr(self, "_swapped", False):
+            return pl_module
+        return self._average_model.module
+
     @property
     def average_model(self) -> Optional[torch.nn.Module]:
         return None if self._average_model is None else self._average_model.module

@@ -81,10 +81,14 @@ class DiffusionModel(LightningModule):
     def _images(batch) -> Tensor:
         return batch[0] if isinstance(batch, (list, tuple)) else batch
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss = self.loss(self._images(batch)).mean()
+    def training_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
+        x0 = self._images(batch)
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
+        per_image = self.loss(x0, t)
+        loss = per_image.mean()
         self.log("train/loss", loss, prog_bar=True)
-        return loss
+        # Per-image losses and their timesteps go to callbacks (per-timestep diagnostics) via the outputs.
+        return {"loss": loss, "per_image_loss": per_image.detach(), "t": t}
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.log("val/loss", self.loss(self._images(batch)).mean(), prog_bar=True, sync_dist=True)

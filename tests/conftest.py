@@ -30,4 +30,5 @@ def _offline_wandb(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("DIFFUSION_FID_CACHE", str(tmp_path / "fid-cache"))
     torch.manual_seed(0)

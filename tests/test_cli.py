@@ -16,8 +16,12 @@ from wandb_offline import read_run
 TINY = str(CONFIGS / "tiny.yaml")
 
 
+TINY_FID = ["--fid.feature_extractor", "fid_helpers.TinyFeatures"]  # FID without Inception's CPU cost
+
+
 def cli(*args, check=True):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "diffusion", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -28,7 +32,7 @@ def cli(*args, check=True):
 def fitted(tmp_path_factory, mnist_dir):
     root = tmp_path_factory.mktemp("run")
     cli("fit", "--config", TINY, "--data.data_dir", mnist_dir, "--trainer.max_steps", 20, "--trainer.log_every_n_steps", 5,
-        "--trainer.default_root_dir", root)
+        "--trainer.default_root_dir", root, *TINY_FID, "--fid.num_samples", 16, "--diagnostics.grad_every_n_steps", 10)
     return root
 
 
@@ -50,6 +54,34 @@ def test_fit_writes_checkpoint_config_and_offline_wandb_run_under_root(fitted):
     assert not (ROOT / "wandb").exists()  # nothing written outside the root
 
 
+def test_fit_logs_fid_per_sampler_timestep_diagnostics_and_sample_grids(fitted):
+    run = read_run(fitted)
+    rows = run["history"]
+    keys = set().union(*rows)
+    # 20 steps end mid-epoch: the evaluation still runs once, at the last step.
+    fid_rows = [r for r in rows if "fid/ddpm1000" in r]
+    assert len(fid_rows) == 1 and fid_rows[0]["trainer/global_step"] == 19  # Lightning logs batch k at step k - 1
+    for sampler in ("ddpm1000", "ddim10", "ddim25", "ddim50"):
+        assert np.isfinite(fid_rows[0][f"fid/{sampler}"]) and fid_rows[0][f"fid_seconds/{sampler}"] > 0
+    buckets = [f"{lo:03d}-{lo + 99:03d}" for lo in range(0, 1000, 100)]
+    assert {f"loss_by_t/{b}" for b in buckets} <= keys  # 20 x 32 draws of t: every bucket is hit
+    grad_rows = [r for r in rows if "grad_norm_by_t/000-099" in r]
+    assert [r["trainer/global_step"] for r in grad_rows] == [0, 10]  # after optimizer steps 1 and 11
+    assert all(r[f"grad_norm_by_t/{b}"] > 0 for r in grad_rows for b in buckets)
+    assert "grad_norm/total" in keys and "perf/images_per_second" in keys
+    for key in ("samples/grid", "samples/forward_process"):
+        (row,) = [r for r in rows if f"{key}/_type" in r]
+        assert row[f"{key}/_type"] == "images/separated"
+        assert (run["path"].parent / "files" / row[f"{key}/filenames"][0]).is_file()
+    assert {"fid/vs_steps_table", "diagnostics/by_t_table"} <= {k.rsplit("/", 1)[0] for k in keys}
+    (grid,) = fitted.rglob("images/samples-epoch000-step000020.png")
+    assert Image.open(grid).size[1] == 4 * 2 * (28 + 2 * 2)  # 4 sampler rows of 28 px padded by 2, scaled 2x
+    # Inception (or any feature extractor) stays out of the checkpoint.
+    ckpt = torch.load(last_ckpt(fitted), map_location="cpu", weights_only=False)
+    assert not any("inception" in k or "features" in k for k in ckpt["state_dict"])
+    assert all(not v for k, v in ckpt["callbacks"].items() if "FIDEvaluation" in k)
+
+
 def test_sample_writes_a_reproducible_grid(fitted, tmp_path):
     ckpt = last_ckpt(fitted)
     common = ["sample", "--config", TINY, "--ckpt_path", ckpt, "--num_samples", 16, "--sampler", "ddim", "--eta", 1.0]
@@ -68,8 +100,13 @@ def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path):
     cli("sample", "--config", TINY, "--ckpt_path", ckpt, "--num_samples", 4, "--sampler", "ddpm", "--out", tmp_path / "d.png")
     assert (tmp_path / "d.png").is_file()
     out = cli("test", "--config", TINY, "--data.data_dir", mnist_dir, "--ckpt_path", ckpt, "--trainer.limit_test_batches", 2,
-              "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path)
+              "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path, *TINY_FID, "--fid.test_num_samples", 24)
     assert "test/loss" in out.stdout
+    table = out.stdout[out.stdout.index("FID of 24 samples"):].splitlines()
+    assert [line.split()[:2] for line in table[3:7]] == [["ddpm", "1000"], ["ddim", "10"], ["ddim", "25"], ["ddim", "50"]]
+    assert table[7].startswith("held-out data (24 images): the floor")
+    floor = float(table[7].split()[-3])
+    assert all(float(line.split()[2]) > floor for line in table[3:7])  # an untrained model is worse than real data
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,365 @@
+"""Sample-quality evaluation: FID of any sampler against a data set's cached statistics.
+
+No Lightning here: the callbacks in ``diffusion.callbacks`` call these functions at epoch ends and in
+``test``. FID is torchmetrics' ``FrechetInceptionDistance``; this module adds what it leaves to the caller:
+the conversion of [-1, 1] images to rounded uint8 RGB, a disk cache of the real statistics, per-sample seeds
+that do not depend on batch size or world size, and the split of the work across DDP ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from diffusion.errors import ConfigError, DataError
+from diffusion.samplers import SAMPLERS
+
+WEIGHTS_ENV = "DIFFUSION_FID_WEIGHTS"
+CACHE_ENV = "DIFFUSION_FID_CACHE"
+_SPEC = re.compile(r"^(?P<name>.*?[a-z])[-_]?(?P<steps>\d+)$")
+
+
+# --- sampler specifications ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler and its number of steps, written ``ddim10`` / ``ddpm1000`` in configs and metric names."""
+
+    name: str
+    steps: int
+
+    @classmethod
+    def parse(cls, text: str) -> "SamplerSpec":
+        match = _SPEC.match(str(text).strip().lower())
+        if match is None or match["name"] not in SAMPLERS:
+            raise ConfigError(
+                f"Bad sampler {text!r}: write a sampler name and its steps, e.g. 'ddim25' or 'ddpm1000' "
+                f"(samplers: {', '.join(SAMPLERS)})."
+            )
+        steps = int(match["steps"])
+        if steps < 1:
+            raise ConfigError(f"Bad sampler {text!r}: the number of steps must be positive.")
+        return cls(match["name"], steps)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}{self.steps}"
+
+
+def parse_samplers(specs: Sequence[str], num_timesteps: Optional[int] = None) -> list[SamplerSpec]:
+    parsed = [SamplerSpec.parse(s) for s in specs]
+    if len({p.key for p in parsed}) != len(parsed):
+        raise ConfigError(f"Samplers listed twice in {list(specs)}.")
+    if num_timesteps is not None:
+        for p in parsed:
+            if p.steps > num_timesteps or (p.name == "ddpm" and p.steps != num_timesteps):
+                raise ConfigError(
+                    f"Sampler {p.key} does not fit the model's {num_timesteps} timesteps: ddpm takes all of them "
+                    f"(ddpm{num_timesteps}), others at most {num_timesteps}."
+                )
+    return parsed
+
+
+# --- images and seeds ----------------------------------------------------------------------------------
+def to_fid_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] float [N, C, H, W] to uint8 RGB, rounded to nearest.
+
+    torchmetrics' ``normalize=True`` maps [0, 1] floats with ``(x * 255).byte()``, which truncates: every pixel
+    drops by half a level on average, a bias that real images (exact uint8) do not have.
+    """
+    x = images.detach().float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def seeded_noise(indices: Iterable[int], shape: Sequence[int], seed: int) -> Tensor:
+    """x_T for the samples with these global indices: sample i always gets the same noise, whatever the batch
+    size, the number of ranks, or the sampler."""
+    rows = []
+    for i in indices:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i)]).generate_state(1)[0]))
+        rows.append(torch.randn(tuple(shape), generator=g))
+    return torch.stack(rows) if rows else torch.empty(0, *shape)
+
+
+def rank_share(total: int, rank: int, world_size: int) -> range:
+    """The contiguous block of ``range(total)`` that ``rank`` evaluates."""
+    return range(total * rank // world_size, total * (rank + 1) // world_size)
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- the metric ----------------------------------------------------------------------------------------
+def default_weights_path(weights_path: Optional[str] = None) -> Optional[str]:
+    """An explicit path, else ``$DIFFUSION_FID_WEIGHTS``, else None (torchmetrics downloads the standard ones)."""
+    path = weights_path or os.environ.get(WEIGHTS_ENV) or None
+    if path is not None and not Path(path).expanduser().is_file():
+        raise ConfigError(
+            f"FID weights file {path} not found. Point weights_path (or ${WEIGHTS_ENV}) at "
+            "pt_inception-2015-12-05-*.pth, or leave both unset to download the standard weights."
+        )
+    return str(Path(path).expanduser()) if path else None
+
+
+def make_fid(feature_extractor: Optional[nn.Module] = None, weights_path: Optional[str] = None):
+    """torchmetrics FID with real statistics kept across ``reset()`` (they come from the cache)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if feature_extractor is not None:
+        metric = FrechetInceptionDistance(feature=feature_extractor, reset_real_features=False)
+    else:
+        try:
+            metric = FrechetInceptionDistance(
+                feature=2048, reset_real_features=False, feature_extractor_weights_path=default_weights_path(weights_path)
+            )
+        except ConfigError:
+            raise
+        except Exception as e:  # download failure, corrupt weights file
+            raise ConfigError(
+                f"Cannot load the FID Inception weights ({type(e).__name__}: {e}). Without internet, set "
+                f"weights_path or ${WEIGHTS_ENV} to a local pt_inception-2015-12-05-*.pth."
+            ) from e
+    # The metric (and Inception inside it) stays fp32 whatever the trainer's precision.
+    return metric.float()
+
+
+def extractor_id(feature_extractor: Optional[nn.Module], weights_path: Optional[str]) -> str:
+    """What the cached statistics depend on, on the feature side."""
+    if feature_extractor is not None:
+        state = feature_extractor.state_dict()
+        digest = hashlib.sha1(type(feature_extractor).__qualname__.encode())
+        for k in sorted(state):
+            digest.update(k.encode() + state[k].detach().cpu().numpy().tobytes())
+        return f"custom-{digest.hexdigest()[:16]}"
+    path = default_weights_path(weights_path)
+    if path is None:
+        return "inception-2048-torchmetrics-default"
+    stat = Path(path).stat()
+    return f"inception-2048-{Path(path).name}-{stat.st_size}"
+
+
+# --- real statistics and their cache ---------------------------------------------------------------------
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """A digest of what a data set holds, so a cache keyed by it is invalidated when the data change."""
+    digest = hashlib.sha1()
+    while isinstance(dataset, Subset):
+        digest.update(np.asarray(dataset.indices, dtype=np.int64).tobytes())
+        dataset = dataset.dataset
+    images = getattr(dataset, "images", None)
+    files = getattr(dataset, "files", None)
+    if isinstance(images, Tensor):
+        digest.update(str(tuple(images.shape)).encode())
+        digest.update(images.contiguous().numpy().tobytes())
+    elif files is not None:
+        for f in files:
+            st = Path(f).stat()
+            digest.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        digest.update(f"{type(dataset).__qualname__}:{len(dataset)}".encode())
+    for attr in ("image_size", "mode", "random_flip"):
+        digest.update(f"{attr}={getattr(dataset, attr, None)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "diffusion" / "fid")
+
+
+def stats_cache_path(cache_dir: Path | str, key: dict) -> Path:
+    text = json.dumps(key, sort_keys=True)
+    name = "-".join(str(key.get(k)) for k in ("dataset", "split", "image_size")) + "-"
+    return Path(cache_dir) / f"{name}{hashlib.sha1(text.encode()).hexdigest()[:16]}.pt"
+
+
+REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+def load_real_stats(metric, path: Path) -> bool:
+    """Load cached real statistics into ``metric``; under DDP only rank 0 holds them (the others hold zeros),
+    so the metric's sum-reduction yields the totals once."""
+    if not path.is_file():
+        return False
+    try:
+        stats = torch.load(path, map_location="cpu", weights_only=True)
+        values = [stats[k] for k in REAL_STATES]
+    except Exception:  # truncated or foreign file: recompute and overwrite it
+        return False
+    if values[0].shape != metric.real_features_sum.shape:
+        return False
+    keep = dist_info()[0] == 0
+    device = metric.real_features_sum.device
+    for name, value in zip(REAL_STATES, values):
+        setattr(metric, name, (value if keep else torch.zeros_like(value)).to(device))
+    return True
+
+
+def save_real_stats(metric, path: Path, key: dict) -> None:
+    """Write the (rank-summed) real statistics atomically; every rank must call this (it syncs)."""
+    with metric.sync_context(should_unsync=True):
+        stats = {k: getattr(metric, k).detach().cpu().clone() for k in REAL_STATES}
+    if dist_info()[0] == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({**stats, "key": key}, tmp)
+        os.replace(tmp, path)
+
+
+def update_real(metric, dataset: Dataset, indices: Sequence[int], batch_size: int, device: torch.device) -> None:
+    """Feed this rank's share of ``dataset[indices]`` (images in [-1, 1]) to the metric as real images."""
+    rank, world = dist_info()
+    share = [indices[i] for i in rank_share(len(indices), rank, world)]
+    if not share:
+        return
+    loader = DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False)
+    for batch in loader:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        update_metric(metric, images.to(device), real=True)
+
+
+def update_metric(metric, images: Tensor, real: bool) -> None:
+    with torch.autocast(images.device.type, enabled=False):
+        metric.update(to_fid_uint8(images), real=real)
+
+
+def reference_indices(n_available: int, num: Optional[int], seed: int = 0) -> list[int]:
+    """All indices, or a fixed random subset of ``num`` of them."""
+    if num is None or num >= n_available:
+        return list(range(n_available))
+    if num < 2:
+        raise ConfigError(f"FID needs at least 2 real images, got num_real={num}.")
+    perm = torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))
+    return sorted(perm[:num].tolist())
+
+
+def ensure_real_stats(
+    metric,
+    dataset: Dataset,
+    key: dict,
+    cache_dir: Optional[Path | str],
+    num: Optional[int],
+    batch_size: int,
+    device: torch.device,
+) -> tuple[Path | None, bool]:
+    """Put the real statistics into ``metric``: from the cache if it holds them, else computed (and cached).
+
+    Returns the cache file and whether it was a hit. All ranks must call this together.
+    """
+    if len(dataset) < 2:
+        raise DataError(f"FID needs at least 2 real images; the reference set has {len(dataset)}.")
+    indices = reference_indices(len(dataset), num)
+    key = {**key, "num_real": len(indices), "data": dataset_fingerprint(Subset(dataset, indices))}
+    path = stats_cache_path(cache_dir, key) if cache_dir is not None else None
+    hit = path is not None and load_real_stats(metric, path)
+    if dist.is_available() and dist.is_initialized():
+        # Ranks must agree, or some would compute (and sync) while others do not.
+        flag = torch.tensor([int(hit)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if not bool(flag.item()) and hit:
+            for name in REAL_STATES:
+                setattr(metric, name, torch.zeros_like(getattr(metric, name)))
+        hit = bool(flag.item())
+    if not hit:
+        update_real(metric, dataset, indices, batch_size, device)
+        if path is not None:
+            save_real_stats(metric, path, key)
+    return path, hit
+
+
+# --- generating and scoring -----------------------------------------------------------------------------
+def generate_share(
+    sample_fn: Callable[[Tensor, torch.Generator], Tensor],
+    num_samples: int,
+    shape: Sequence[int],
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    consume: Callable[[Tensor], None],
+) -> int:
+    """Generate this rank's share of ``num_samples`` images in batches and hand each batch to ``consume``.
+
+    ``sample_fn(x_T, generator)`` runs the sampler; x_T is seeded per sample, the sampler's own noise per batch.
+    """
+    rank, world = dist_info()
+    share = rank_share(num_samples, rank, world)
+    for start in range(share.start, share.stop, batch_size):
+        idx = range(start, min(start + batch_size, share.stop))
+        x_T = seeded_noise(idx, shape, seed).to(device)
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, start, 1]).generate_state(1)[0]))
+        consume(sample_fn(x_T, generator))
+    return len(share)
+
+
+def fid_of_samples(
+    metric,
+    sample_fn: Callable[[Tensor, torch.Generator], Tensor],
+    num_samples: int,
+    shape: Sequence[int],
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    keep: int = 0,
+) -> tuple[float, float, Tensor]:
+    """FID of ``num_samples`` generated images against the metric's real statistics.
+
+    Returns (FID, seconds spent sampling (Inception excluded; the slowest rank's), the first ``keep`` images of
+    this rank on the CPU).
+    """
+    metric.reset()
+    kept: list[Tensor] = []
+    seconds = 0.0
+
+    def timed(x_T: Tensor, generator: torch.Generator) -> Tensor:
+        nonlocal seconds
+        synchronize(device)
+        start = time.perf_counter()
+        images = sample_fn(x_T, generator)
+        synchronize(device)
+        seconds += time.perf_counter() - start
+        return images
+
+    def consume(images: Tensor) -> None:
+        have = sum(len(k) for k in kept)
+        if have < keep:
+            kept.append(images[: keep - have].detach().float().cpu())
+        update_metric(metric, images, real=False)
+
+    generate_share(timed, num_samples, shape, seed, batch_size, device, consume)
+    if dist.is_available() and dist.is_initialized():
+        # The ranks sample in parallel: the evaluation took as long as the slowest one.
+        t = torch.tensor([seconds], device=device, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        seconds = float(t.item())
+    fid = float(metric.compute())
+    return fid, seconds, torch.cat(kept) if kept else torch.empty(0, *shape)
+
+
+def fid_of_dataset(metric, dataset: Dataset, num: Optional[int], batch_size: int, device: torch.device) -> float:
+    """FID of real images (e.g. the held-out split) against the metric's real statistics: the data's floor."""
+    metric.reset()
+    indices = reference_indices(len(dataset), num)
+    rank, world = dist_info()
+    share = [indices[i] for i in rank_share(len(indices), rank, world)]
+    if share:
+        for batch in DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False):
+            images = batch[0] if isinstance(batch, (list, tuple)) else batch
+            update_metric(metric, images.to(device), real=False)
+    return float(metric.compute())
