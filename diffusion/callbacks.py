@@ -179,6 +179,9 @@ class FIDEvaluation(_ValidateAtLastStep):
             ``~/.cache/diffusion/fid``); keyed by data, split, image size, number of images and weights.
         feature_extractor: a module mapping uint8 [N, 3, H, W] to features, instead of Inception (tests).
         validate_at_last_step: run a final validation when ``max_steps`` stops training mid-epoch.
+        save_samples: also write each rank's evaluation samples as uint8 with their global indices, to
+            ``<run dir>/fid_samples/<stage>-step<N>-<sampler>-rank<R>.npz`` (to inspect them or score them
+            with other metrics).
     """
 
     def __init__(
@@ -196,8 +199,10 @@ class FIDEvaluation(_ValidateAtLastStep):
         cache_dir: Optional[str] = None,
         feature_extractor: Optional[nn.Module] = None,
         validate_at_last_step: bool = True,
+        save_samples: bool = False,
     ) -> None:
         super().__init__()
+        self.save_samples = save_samples
         self.specs = ev.parse_samplers(samplers)
         self.test_specs = ev.parse_samplers(test_samplers) if test_samplers else self.specs
         for name, value in (("num_samples", num_samples), ("test_num_samples", test_num_samples or 2), ("num_real", num_real)):
@@ -260,11 +265,17 @@ class FIDEvaluation(_ValidateAtLastStep):
         module = sampling_module(trainer, pl_module)
         metric = self.metric(trainer, pl_module)
         results = {}
+        rank, world = ev.dist_info()
+        share = ev.rank_share(num_samples, rank, world)
         for spec in specs:
-            fid, seconds, _ = ev.fid_of_samples(
+            fid, seconds, images = ev.fid_of_samples(
                 metric, _sample_fn(module, trainer, spec), num_samples, _image_shape(module), self.seed,
-                self.batch_size, pl_module.device,
+                self.batch_size, pl_module.device, keep=len(share) if self.save_samples else 0,
             )
+            if self.save_samples:
+                path = run_dir(trainer) / "fid_samples" / f"{getattr(trainer.state.stage, 'value', 'eval')}-step{trainer.global_step}-{spec.key}-rank{rank}.npz"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(path, images=ev.to_fid_uint8(images)[:, : images.shape[1]].numpy(), indices=np.asarray(share))
             results[spec.key] = {"sampler": spec.name, "steps": spec.steps, "fid": fid, "seconds": seconds,
                                  "images_per_second": num_samples / max(seconds, 1e-9)}
             rank_zero_info(f"FID {spec.key}: {fid:.2f} ({num_samples} samples, {seconds:.1f} s sampling)")
@@ -276,8 +287,8 @@ class FIDEvaluation(_ValidateAtLastStep):
             return
         results = self.evaluate(trainer, pl_module, self.specs, self.num_samples)
         for key, r in results.items():
-            pl_module.log(f"fid/{key}", r["fid"], sync_dist=False)  # already the same on every rank
-            pl_module.log(f"fid_seconds/{key}", r["seconds"], sync_dist=False)
+            pl_module.log(f"fid/{key}", r["fid"], sync_dist=True)  # the same on every rank; the mean keeps it
+            pl_module.log(f"fid_seconds/{key}", r["seconds"], sync_dist=True)
         families: dict[str, tuple[list, list]] = {}
         for r in sorted(results.values(), key=lambda r: r["steps"]):
             xs, ys = families.setdefault(r["sampler"], ([], []))
@@ -297,11 +308,11 @@ class FIDEvaluation(_ValidateAtLastStep):
                                       self.batch_size, pl_module.device)
             n_floor = min(len(held_out), self.test_num_samples)
             rows.append([f"held-out data ({n_floor} images): the floor", None, floor, None, None])
-            pl_module.log("test/fid_floor", floor, sync_dist=False)
+            pl_module.log("test/fid_floor", floor, sync_dist=True)
         for key, r in results.items():
-            pl_module.log(f"test/fid/{key}", r["fid"], sync_dist=False)
-            pl_module.log(f"test/fid_seconds/{key}", r["seconds"], sync_dist=False)
-            pl_module.log(f"test/images_per_second/{key}", r["images_per_second"], sync_dist=False)
+            pl_module.log(f"test/fid/{key}", r["fid"], sync_dist=True)
+            pl_module.log(f"test/fid_seconds/{key}", r["seconds"], sync_dist=True)
+            pl_module.log(f"test/images_per_second/{key}", r["images_per_second"], sync_dist=True)
         columns = ["sampler", "steps", "FID", "seconds", "images/s"]
         if trainer.is_global_zero:
             # The answer `test` was run for: stdout, next to Lightning's table of metrics.

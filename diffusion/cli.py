@@ -23,7 +23,7 @@ from torchvision.utils import save_image
 
 from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, TimestepDiagnostics
 from diffusion.data import DiffusionDataModule
-from diffusion.module import DiffusionModel
+from diffusion.module import DiffusionModel, state_dict_mismatch
 from diffusion.errors import CheckpointError, ConfigError, find_user_error
 
 
@@ -47,16 +47,8 @@ def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'.")
     state = checkpoint["state_dict"]
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        details = "; ".join(
-            f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-            if items
-        )
+    details = state_dict_mismatch(model.state_dict(), state)
+    if details:
         raise CheckpointError(
             f"Checkpoint {path} was trained with a different model than the config describes ({details}). "
             "Use the config the checkpoint was trained with (its run directory holds config.yaml)."

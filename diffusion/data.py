@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from diffusion.errors import ConfigError, DataError
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "folder")
@@ -182,6 +182,32 @@ class FolderImages(Dataset):
         return x, torch.tensor(self.labels[i])
 
 
+class ResumableSampler(DistributedSampler):
+    """The training order: a permutation that depends only on (seed, epoch), sharded across ranks (one rank
+    without DDP), with a one-shot ``skip`` of samples already trained on, so a run resumed mid-epoch sees
+    exactly the batches the uninterrupted run would have.
+
+    A ``DistributedSampler`` even on one device because its permutation does not depend on the number of
+    ranks (rank r takes every W-th index), which keeps the order when a run resumes on another device count;
+    and Lightning leaves a sampler of this type in place instead of injecting its own.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, on_set_epoch=None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.skip = 0
+        self.on_set_epoch = on_set_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self.on_set_epoch is not None:
+            self.on_set_epoch(epoch)
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
 # --- the data module -----------------------------------------------------------------------------------
 class DiffusionDataModule(LightningDataModule):
     """Images normalised to [-1, 1], with labels, for training a diffusion model.
@@ -236,6 +262,10 @@ class DiffusionDataModule(LightningDataModule):
         self.val_fraction, self.random_flip, self.download = val_fraction, random_flip, download
         self.predict_samples, self.seed = predict_samples, seed
         self.classes: list[str] = []
+        self._sampler: Optional[ResumableSampler] = None
+        self._epoch: Optional[int] = None
+        self._epoch_first_step = 0
+        self._restored: Optional[dict] = None
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
@@ -318,8 +348,49 @@ class DiffusionDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        # drop_last keeps every batch the same shape (no recompilation, no tiny last batch in the loss).
-        return self._loader(self.train_set, shuffle=True, drop_last=len(self.train_set) > self.batch_size)
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))
+        self._sampler = ResumableSampler(self.train_set, world, rank, seed, on_set_epoch=self._on_set_epoch)
+        per_rank = len(self._sampler)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=self._sampler,
+            # drop_last keeps every batch the same shape (no recompilation, no tiny last batch in the loss).
+            drop_last=per_rank > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    # Resuming mid-epoch: the checkpoint records where the epoch began; on resume the sampler skips what the
+    # steps since then consumed. Counting steps (restored exactly) rather than batches handed out (workers and
+    # Lightning fetch ahead) keeps this exact.
+    def _global_batch(self) -> int:
+        trainer = self.trainer
+        if trainer is None:
+            return self.batch_size
+        return self.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
+    def _on_set_epoch(self, epoch: int) -> None:
+        trainer, restored = self.trainer, self._restored
+        step = trainer.global_step if trainer is not None else 0
+        self._epoch, self._epoch_first_step = epoch, step
+        if restored and restored.get("epoch") == epoch and self._sampler is not None:
+            self._epoch_first_step = restored["epoch_first_step"]
+            seen = (step - self._epoch_first_step) * restored["global_batch"]
+            self._sampler.skip = max(0, seen) // self._sampler.num_replicas
+        self._restored = None
+
+    def state_dict(self) -> dict:
+        if self._epoch is None:
+            return {}
+        return {"epoch": self._epoch, "epoch_first_step": self._epoch_first_step, "global_batch": self._global_batch()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = dict(state_dict) if state_dict else None
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

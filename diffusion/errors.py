@@ -17,6 +17,10 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable or made for another model."""
 
 
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
 def find_user_error(exc: BaseException | None) -> UserError | None:
     """The first UserError in an exception's chain (jsonargparse wraps errors raised while instantiating)."""
     seen = set()

@@ -7,8 +7,10 @@ Kept thin on purpose: the math lives in ``schedule``/``samplers``, the network i
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 from diffusion.samplers import SAMPLERS, get_sampler, make_timesteps
 from diffusion.schedule import NoiseSchedule
 from diffusion.unet import UNet
-from diffusion.errors import ConfigError
+from diffusion.errors import CheckpointError, ConfigError, TrainingDiverged
 
 
 class DiffusionModel(LightningModule):
@@ -31,6 +33,9 @@ class DiffusionModel(LightningModule):
         beta_start, beta_end: endpoints of the linear schedule.
         lr, weight_decay, betas: AdamW's.
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
+        lr_scaling: ``none`` keeps ``lr`` whatever the global batch; ``linear`` or ``sqrt`` scale it by
+            (global batch / ``lr_reference_batch``) or its square root, global batch = batch_size x devices x
+            nodes x accumulate_grad_batches.
         sample_sampler, sample_steps, sample_eta, clip_x0: defaults for :meth:`sample` (and ``predict``).
     """
 
@@ -45,6 +50,8 @@ class DiffusionModel(LightningModule):
         weight_decay: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        lr_scaling: str = "none",
+        lr_reference_batch: int = 128,
         sample_sampler: str = "ddim",
         sample_steps: int = 50,
         sample_eta: float = 0.0,
@@ -53,6 +60,8 @@ class DiffusionModel(LightningModule):
         super().__init__()
         if lr <= 0:
             raise ConfigError(f"lr must be positive, got {lr}.")
+        if lr_scaling not in ("none", "linear", "sqrt"):
+            raise ConfigError(f"lr_scaling must be 'none', 'linear' or 'sqrt', got {lr_scaling!r}.")
         if warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}.")
         get_sampler(sample_sampler)
@@ -81,11 +90,24 @@ class DiffusionModel(LightningModule):
     def _images(batch) -> Tensor:
         return batch[0] if isinstance(batch, (list, tuple)) else batch
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # The step's randomness (t, noise, dropout) is a function of (seed, step, rank), not of the RNG's
+        # history: a run resumed from a checkpoint takes the very same steps as one that never stopped.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed(int(np.random.SeedSequence([seed, self.global_step, self.global_rank]).generate_state(1)[0]))
+
     def training_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
         x0 = self._images(batch)
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
         per_image = self.loss(x0, t)
         loss = per_image.mean()
+        if not torch.isfinite(loss):
+            # Raised before backward, so neither the weights, the EMA nor any checkpoint sees the bad step.
+            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
+            raise TrainingDiverged(
+                f"The loss is {loss.item()} at step {self.global_step}: training stopped. Last good checkpoint: "
+                f"{last}. Resume from it with a lower --model.init_args.lr, more warm-up, or gradient clipping."
+            )
         self.log("train/loss", loss, prog_bar=True)
         # Per-image losses and their timesteps go to callbacks (per-timestep diagnostics) via the outputs.
         return {"loss": loss, "per_image_loss": per_image.detach(), "t": t}
@@ -105,12 +127,21 @@ class DiffusionModel(LightningModule):
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        optimizer = torch.optim.AdamW(groups, lr=self.scaled_lr(), betas=tuple(self.hparams.betas))
         if not self.hparams.warmup_steps:
             return optimizer
         warmup = self.hparams.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Warmup(warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def scaled_lr(self) -> float:
+        lr, how = self.hparams.lr, self.hparams.lr_scaling
+        trainer = self._trainer
+        batch = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+        if how == "none" or trainer is None or batch is None:
+            return lr
+        ratio = batch * trainer.world_size * trainer.accumulate_grad_batches / self.hparams.lr_reference_batch
+        return lr * (ratio if how == "linear" else ratio**0.5)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The CLI links image size and channels from the data, and links are not part of the saved config;
@@ -122,6 +153,15 @@ class DiffusionModel(LightningModule):
                 "in_channels": self.net.in_channels,
                 "image_size": self.net.image_size,
             }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Called before Lightning loads the weights: fail with a message rather than a wall of size mismatches.
+        details = state_dict_mismatch(self.state_dict(), checkpoint.get("state_dict", {}))
+        if details:
+            raise CheckpointError(
+                f"The checkpoint was written for a different model than this config builds ({details}): resume "
+                "with the config it was trained with (config.yaml in its run directory), or start a new run."
+            )
 
     # --- sampling ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -176,6 +216,18 @@ class DiffusionModel(LightningModule):
         batch's first index: reproducible, and distinct across batches and ranks."""
         indices = self._images(batch)
         return self.sample(indices.shape[0], seed=int(indices[0]))
+
+
+def state_dict_mismatch(own: dict, state: dict) -> str:
+    """How a checkpoint's state dict differs from a model's ('' when it fits)."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    return "; ".join(
+        f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+        if items
+    )
 
 
 class _Warmup:

@@ -1,0 +1,73 @@
+"""Callbacks the fault-tolerance tests add to CLI runs (importable with PYTHONPATH=tests).
+
+- ``Faults``: SIGKILLs its own process after optimizer step $KILL_AT_STEP, or, with $KILL_DURING_SAVE_AT_STEP,
+  half-way through writing the checkpoint of that step (no cleanup, no exception handlers, like a lost node);
+  with $NAN_AT_STEP, feeds NaN images to that step.
+- ``RecordWeights``: each rank writes a digest of its raw and EMA weights at the end of training.
+"""
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+from diffusion.callbacks import run_dir
+from diffusion.ema import EMA
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Faults(Callback):
+    def __init__(self) -> None:
+        self.at = int(os.environ.get("KILL_AT_STEP", -1))
+        self.during_save = int(os.environ.get("KILL_DURING_SAVE_AT_STEP", -1))
+        self.nan_at = int(os.environ.get("NAN_AT_STEP", -1))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.nan_at:
+            batch[0].fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at:
+            _die()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.global_step != self.during_save:
+            return
+        # The file is written after this hook: cut the write off in the middle.
+        from fsspec.implementations.local import LocalFileOpener
+
+        def half_then_die(opener, data, *args, **kwargs):
+            opener.f.write(bytes(data)[: len(data) // 2])
+            opener.f.flush()
+            _die()
+
+        LocalFileOpener.write = half_then_die
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class RecordWeights(Callback):
+    def on_train_end(self, trainer, pl_module) -> None:
+        ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "step": trainer.global_step,
+            "ema": digest(ema.average_model.state_dict().values()),
+            "raw": digest(pl_module.state_dict().values()),
+        }
+        path = run_dir(trainer) / f"weights-rank{trainer.global_rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))
