@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import grad_norm
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
@@ -182,6 +182,9 @@ class FIDEvaluation(_ValidateAtLastStep):
         save_samples: also write each rank's evaluation samples as uint8 with their global indices, to
             ``<run dir>/fid_samples/<stage>-step<N>-<sampler>-rank<R>.npz`` (to inspect them or score them
             with other metrics).
+        cpu_limits: on a CPU, evaluate at most 16 samples per sampler (64 in ``test``) against at most 1,000
+            real images, and say so: the GPU recipes' numbers would take hours there (DDPM-1000 alone is 1,000
+            network passes per image, Inception about 7 images/s on 2 cores). ``false`` uses the numbers as set.
     """
 
     def __init__(
@@ -200,9 +203,10 @@ class FIDEvaluation(_ValidateAtLastStep):
         feature_extractor: Optional[nn.Module] = None,
         validate_at_last_step: bool = True,
         save_samples: bool = False,
+        cpu_limits: bool = True,
     ) -> None:
         super().__init__()
-        self.save_samples = save_samples
+        self.save_samples, self.cpu_limits = save_samples, cpu_limits
         self.specs = ev.parse_samplers(samplers)
         self.test_specs = ev.parse_samplers(test_samplers) if test_samplers else self.specs
         for name, value in (("num_samples", num_samples), ("test_num_samples", test_num_samples or 2), ("num_real", num_real)):
@@ -236,6 +240,18 @@ class FIDEvaluation(_ValidateAtLastStep):
     def state_dict(self) -> dict[str, Any]:
         return {}
 
+    CPU_LIMITS = {"num_samples": 16, "test_num_samples": 64, "num_real": 1000}
+
+    def limited(self, name: str, device: torch.device) -> Optional[int]:
+        value = getattr(self, name)
+        cap = self.CPU_LIMITS[name]
+        if not self.cpu_limits or device.type != "cpu" or (value is not None and value <= cap):
+            return value
+        rank_zero_warn(
+            f"FIDEvaluation on a CPU: {name} {value or 'all'} -> {cap} (set --fid.cpu_limits false to keep "
+            f"{value or 'all'}); FID of so few images is only a smoke test.", category=UserWarning)
+        return cap
+
     def metric(self, trainer: Trainer, pl_module: LightningModule):
         """The metric on the module's device, holding the training set's statistics."""
         device = pl_module.device
@@ -251,7 +267,8 @@ class FIDEvaluation(_ValidateAtLastStep):
             self._metric = ev.make_fid(self.feature_extractor, self.weights_path).to(device)
             start = time.perf_counter()
             path, hit = ev.ensure_real_stats(
-                self._metric, dm.reference_set("train"), key, self.cache_dir, self.num_real, self.batch_size, device
+                self._metric, dm.reference_set("train"), key, self.cache_dir, self.limited("num_real", device),
+                self.batch_size, device,
             )
             self._real_key = key
             rank_zero_info(
@@ -285,7 +302,7 @@ class FIDEvaluation(_ValidateAtLastStep):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not _due(trainer, self.every_n_epochs):
             return
-        results = self.evaluate(trainer, pl_module, self.specs, self.num_samples)
+        results = self.evaluate(trainer, pl_module, self.specs, self.limited("num_samples", pl_module.device))
         for key, r in results.items():
             pl_module.log(f"fid/{key}", r["fid"], sync_dist=True)  # the same on every rank; the mean keeps it
             pl_module.log(f"fid_seconds/{key}", r["seconds"], sync_dist=True)
@@ -299,14 +316,15 @@ class FIDEvaluation(_ValidateAtLastStep):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.test_num_samples:
             return
-        results = self.evaluate(trainer, pl_module, self.test_specs, self.test_num_samples)
+        num_samples = self.limited("test_num_samples", pl_module.device)
+        results = self.evaluate(trainer, pl_module, self.test_specs, num_samples)
         rows = [[r["sampler"], r["steps"], r["fid"], r["seconds"], r["images_per_second"]] for r in results.values()]
         floor = None
         if self.test_floor:
             held_out = trainer.datamodule.reference_set("test")
-            floor = ev.fid_of_dataset(self.metric(trainer, pl_module), held_out, self.test_num_samples,
+            floor = ev.fid_of_dataset(self.metric(trainer, pl_module), held_out, num_samples,
                                       self.batch_size, pl_module.device)
-            n_floor = min(len(held_out), self.test_num_samples)
+            n_floor = min(len(held_out), num_samples)
             rows.append([f"held-out data ({n_floor} images): the floor", None, floor, None, None])
             pl_module.log("test/fid_floor", floor, sync_dist=True)
         for key, r in results.items():
@@ -316,7 +334,7 @@ class FIDEvaluation(_ValidateAtLastStep):
         columns = ["sampler", "steps", "FID", "seconds", "images/s"]
         if trainer.is_global_zero:
             # The answer `test` was run for: stdout, next to Lightning's table of metrics.
-            print(format_table(columns, rows, f"FID of {self.test_num_samples} samples against the training set"), flush=True)
+            print(format_table(columns, rows, f"FID of {num_samples} samples against the training set"), flush=True)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_table("test/fid_table", columns=columns, data=rows, step=log_step(trainer))

@@ -159,3 +159,16 @@ def test_buckets_partition_the_timesteps(T, buckets):
 def test_bucket_names_for_the_default_schedule():
     names = TimestepDiagnostics().bucket_names(1000)
     assert names[0] == "000-099" and names[-1] == "900-999" and len(names) == 10
+
+
+def test_cpu_limits_cap_the_gpu_recipes_numbers_and_say_so():
+    fid = FIDEvaluation(num_samples=2048, test_num_samples=10_000, feature_extractor=TinyFeatures())
+    with pytest.warns(UserWarning, match="num_samples 2048 -> 16"):
+        assert fid.limited("num_samples", CPU) == 16
+    with pytest.warns(UserWarning, match="num_real all -> 1000"):
+        assert fid.limited("num_real", CPU) == 1000
+    assert fid.limited("num_samples", torch.device("cuda")) == 2048
+    small = FIDEvaluation(num_samples=8, num_real=100, feature_extractor=TinyFeatures())
+    assert small.limited("num_samples", CPU) == 8 and small.limited("num_real", CPU) == 100
+    off = FIDEvaluation(num_samples=2048, cpu_limits=False, feature_extractor=TinyFeatures())
+    assert off.limited("num_samples", CPU) == 2048
