@@ -336,11 +336,12 @@ class DiffusionDataModule(LightningDataModule):
             return self.test_set
         return self._split(train=True, random_flip=False)
 
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -353,17 +354,8 @@ class DiffusionDataModule(LightningDataModule):
         rank = trainer.global_rank if trainer is not None else 0
         seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))
         self._sampler = ResumableSampler(self.train_set, world, rank, seed, on_set_epoch=self._on_set_epoch)
-        per_rank = len(self._sampler)
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            sampler=self._sampler,
-            # drop_last keeps every batch the same shape (no recompilation, no tiny last batch in the loss).
-            drop_last=per_rank > self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        # drop_last keeps every batch the same shape (no recompilation, no tiny last batch in the loss).
+        return self._loader(self.train_set, sampler=self._sampler, drop_last=len(self._sampler) > self.batch_size)
 
     # Resuming mid-epoch: the checkpoint records where the epoch began; on resume the sampler skips what the
     # steps since then consumed. Counting steps (restored exactly) rather than batches handed out (workers and

@@ -70,6 +70,7 @@ class EMA(WeightAveraging):
         self.decay = decay
         self.update_every_n_steps = update_every_n_steps
         self.start_step = start_step
+        self._swapped = False  # whether pl_module holds the EMA weights (between the base class's swaps)
 
     def should_update(self, step_idx: Optional[int] = None, epoch_idx: Optional[int] = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step and step_idx % self.update_every_n_steps == 0
@@ -82,12 +83,12 @@ class EMA(WeightAveraging):
 
     def _swap_models(self, pl_module: LightningModule) -> None:
         super()._swap_models(pl_module)
-        self._swapped = not getattr(self, "_swapped", False)
+        self._swapped = not self._swapped
 
     def ema_holder(self, pl_module: LightningModule) -> LightningModule:
         """The module that holds the EMA weights right now: the average, or ``pl_module`` while they are swapped
         in (validation, test, predict) or when there is no average (outside ``fit``)."""
-        if self._average_model is None or getattr(self, "_swapped", False):
+        if self._average_model is None or self._swapped:
             return pl_module
         return self._average_model.module
 

@@ -82,12 +82,17 @@ def to_fid_uint8(images: Tensor) -> Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
+def derive_seed(*entropy: int) -> int:
+    """A well-mixed 32-bit seed from several integers (seed, index, step, rank, ...)."""
+    return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1)[0])
+
+
 def seeded_noise(indices: Iterable[int], shape: Sequence[int], seed: int) -> Tensor:
     """x_T for the samples with these global indices: sample i always gets the same noise, whatever the batch
     size, the number of ranks, or the sampler."""
     rows = []
     for i in indices:
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i)]).generate_state(1)[0]))
+        g = torch.Generator().manual_seed(derive_seed(seed, i))
         rows.append(torch.randn(tuple(shape), generator=g))
     return torch.stack(rows) if rows else torch.empty(0, *shape)
 
@@ -127,12 +132,9 @@ def make_fid(feature_extractor: Optional[nn.Module] = None, weights_path: Option
     if feature_extractor is not None:
         metric = FrechetInceptionDistance(feature=feature_extractor, reset_real_features=False)
     else:
+        path = default_weights_path(weights_path)
         try:
-            metric = FrechetInceptionDistance(
-                feature=2048, reset_real_features=False, feature_extractor_weights_path=default_weights_path(weights_path)
-            )
-        except ConfigError:
-            raise
+            metric = FrechetInceptionDistance(feature=2048, reset_real_features=False, feature_extractor_weights_path=path)
         except Exception as e:  # download failure, corrupt weights file
             raise ConfigError(
                 f"Cannot load the FID Inception weights ({type(e).__name__}: {e}). Without internet, set "
@@ -223,16 +225,15 @@ def save_real_stats(metric, path: Path, key: dict) -> None:
         os.replace(tmp, path)
 
 
-def update_real(metric, dataset: Dataset, indices: Sequence[int], batch_size: int, device: torch.device) -> None:
-    """Feed this rank's share of ``dataset[indices]`` (images in [-1, 1]) to the metric as real images."""
+def feed_dataset(metric, dataset: Dataset, indices: Sequence[int], batch_size: int, device: torch.device, real: bool) -> None:
+    """Feed this rank's share of ``dataset[indices]`` (images in [-1, 1]) to the metric."""
     rank, world = dist_info()
     share = [indices[i] for i in rank_share(len(indices), rank, world)]
     if not share:
         return
-    loader = DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False)
-    for batch in loader:
+    for batch in DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        update_metric(metric, images.to(device), real=True)
+        update_metric(metric, images.to(device), real=real)
 
 
 def update_metric(metric, images: Tensor, real: bool) -> None:
@@ -278,7 +279,7 @@ def ensure_real_stats(
                 setattr(metric, name, torch.zeros_like(getattr(metric, name)))
         hit = bool(flag.item())
     if not hit:
-        update_real(metric, dataset, indices, batch_size, device)
+        feed_dataset(metric, dataset, indices, batch_size, device, real=True)
         if path is not None:
             save_real_stats(metric, path, key)
     return path, hit
@@ -303,7 +304,7 @@ def generate_share(
     for start in range(share.start, share.stop, batch_size):
         idx = range(start, min(start + batch_size, share.stop))
         x_T = seeded_noise(idx, shape, seed).to(device)
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, start, 1]).generate_state(1)[0]))
+        generator = torch.Generator().manual_seed(derive_seed(seed, start, 1))
         consume(sample_fn(x_T, generator))
     return len(share)
 
@@ -355,11 +356,5 @@ def fid_of_samples(
 def fid_of_dataset(metric, dataset: Dataset, num: Optional[int], batch_size: int, device: torch.device) -> float:
     """FID of real images (e.g. the held-out split) against the metric's real statistics: the data's floor."""
     metric.reset()
-    indices = reference_indices(len(dataset), num)
-    rank, world = dist_info()
-    share = [indices[i] for i in rank_share(len(indices), rank, world)]
-    if share:
-        for batch in DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False):
-            images = batch[0] if isinstance(batch, (list, tuple)) else batch
-            update_metric(metric, images.to(device), real=False)
+    feed_dataset(metric, dataset, reference_indices(len(dataset), num), batch_size, device, real=False)
     return float(metric.compute())

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
+from diffusion.evaluation import derive_seed
 from diffusion.samplers import SAMPLERS, get_sampler, make_timesteps
 from diffusion.schedule import NoiseSchedule
 from diffusion.unet import UNet
@@ -94,7 +94,7 @@ class DiffusionModel(LightningModule):
         # The step's randomness (t, noise, dropout) is a function of (seed, step, rank), not of the RNG's
         # history: a run resumed from a checkpoint takes the very same steps as one that never stopped.
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed(int(np.random.SeedSequence([seed, self.global_step, self.global_rank]).generate_state(1)[0]))
+        torch.manual_seed(derive_seed(seed, self.global_step, self.global_rank))
 
     def training_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
         x0 = self._images(batch)

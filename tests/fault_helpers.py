@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import signal
-from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback

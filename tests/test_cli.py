@@ -1,13 +1,10 @@
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from conftest import CONFIGS, ROOT
+from conftest import run_cli as cli
 from diffusion.cli import load_weights
 from diffusion.errors import CheckpointError
 from diffusion.unet import UNet
@@ -17,15 +14,6 @@ TINY = str(CONFIGS / "tiny.yaml")
 
 
 TINY_FID = ["--fid.feature_extractor", "fid_helpers.TinyFeatures"]  # FID without Inception's CPU cost
-
-
-def cli(*args, check=True):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "diffusion", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")

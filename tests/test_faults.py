@@ -1,10 +1,7 @@
 """Scale-out and faults: DDP on CPU (gloo, 2 processes), ddp_spawn, SIGKILL and resume, NaN."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +9,7 @@ import torch
 import yaml
 from lightning.pytorch import Trainer, seed_everything
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, run_cli
 from diffusion.callbacks import FIDEvaluation, TimestepDiagnostics
 from diffusion.data import DiffusionDataModule
 from diffusion.ema import EMA
@@ -21,16 +18,6 @@ from fid_helpers import TinyFeatures
 from test_training import tiny_model
 
 QUIET_EVAL = ["--fid.every_n_epochs", "0", "--sample_grids.every_n_epochs", "0", "--diagnostics.grad_every_n_steps", "0"]
-
-
-def run_cli(*args, env=None, check=True, timeout=600):
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]), **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "diffusion", *map(str, args)], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
