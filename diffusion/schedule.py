@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 from diffusion.errors import ConfigError
 
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "cosine", "sigmoid")
+PREDICTIONS = ("eps", "x0", "v")
 
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -22,6 +23,25 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
     alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
     return betas.clamp(max=max_beta)
+
+
+def sigmoid_betas(
+    num_timesteps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0, max_beta: float = 0.999
+) -> Tensor:
+    """Chen 2023 ("On the importance of noise scheduling", Algorithm 1): alpha-bar follows a sigmoid of t,
+    rescaled to run from 1 at t=0 to 0 at t=T; ``start``/``end``/``tau`` shape how long it stays near each end."""
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    v_start, v_end = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64)), torch.sigmoid(
+        torch.tensor(end / tau, dtype=torch.float64)
+    )
+    alpha_bar = (v_end - torch.sigmoid((steps * (end - start) + start) / tau)) / (v_end - v_start)
+    betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
+    return betas.clamp(min=0, max=max_beta)
+
+
+def check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ConfigError(f"Unknown prediction {prediction!r}: choose one of {', '.join(PREDICTIONS)}.")
 
 
 def _extract(values: Tensor, t: Tensor, ndim: int) -> Tensor:
@@ -44,6 +64,9 @@ class NoiseSchedule(nn.Module):
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         cosine_s: float = 0.008,
+        sigmoid_start: float = -3.0,
+        sigmoid_end: float = 3.0,
+        sigmoid_tau: float = 1.0,
     ) -> None:
         super().__init__()
         if kind not in SCHEDULES:
@@ -57,8 +80,15 @@ class NoiseSchedule(nn.Module):
                     f"beta_end={beta_end} (the DDPM paper uses 1e-4 and 0.02)."
                 )
             betas = linear_betas(num_timesteps, beta_start, beta_end)
-        else:
+        elif kind == "cosine":
             betas = cosine_betas(num_timesteps, cosine_s)
+        else:
+            if not sigmoid_start < sigmoid_end or sigmoid_tau <= 0:
+                raise ConfigError(
+                    f"Sigmoid schedule needs start < end and tau > 0, got start={sigmoid_start}, end={sigmoid_end}, "
+                    f"tau={sigmoid_tau} (Chen 2023 uses -3, 3 and 1)."
+                )
+            betas = sigmoid_betas(num_timesteps, sigmoid_start, sigmoid_end, sigmoid_tau)
         self.kind = kind
         self.num_timesteps = num_timesteps
         # Host float64 copy for per-step scalar coefficients (DDIM's 1 - a_t/a_prev cancels badly in fp32).
@@ -78,6 +108,7 @@ class NoiseSchedule(nn.Module):
             "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),
             "sqrt_recip_alpha_bar": (1 / alpha_bar).sqrt(),
             "sqrt_recipm1_alpha_bar": (1 / alpha_bar - 1).sqrt(),
+            "snr": alpha_bar / (1 - alpha_bar),
             "posterior_variance": posterior_variance,
             # The variance is 0 at t=0; its log takes the value at t=1 there, as in the DDPM reference code.
             "posterior_log_variance_clipped": torch.log(
@@ -108,6 +139,8 @@ class NoiseSchedule(nn.Module):
         )
 
     # --- conversions between parameterisations ---------------------------------------------------
+    # With x_t = a x_0 + s eps (a = sqrt(alpha_bar_t), s = sqrt(1 - alpha_bar_t), a^2 + s^2 = 1) and
+    # v = a eps - s x_0 (Salimans & Ho 2022), each of eps, x_0, v follows from x_t and any one of them.
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         return (
             _extract(self.sqrt_recip_alpha_bar, t, x_t.ndim) * x_t
@@ -118,6 +151,41 @@ class NoiseSchedule(nn.Module):
         return (_extract(self.sqrt_recip_alpha_bar, t, x_t.ndim) * x_t - x0) / _extract(
             self.sqrt_recipm1_alpha_bar, t, x_t.ndim
         )
+
+    def v_target(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        return _extract(self.sqrt_alpha_bar, t, x0.ndim) * eps - _extract(self.sqrt_one_minus_alpha_bar, t, x0.ndim) * x0
+
+    def predict_x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        return _extract(self.sqrt_alpha_bar, t, x_t.ndim) * x_t - _extract(self.sqrt_one_minus_alpha_bar, t, x_t.ndim) * v
+
+    def predict_eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        return _extract(self.sqrt_one_minus_alpha_bar, t, x_t.ndim) * x_t + _extract(self.sqrt_alpha_bar, t, x_t.ndim) * v
+
+    def target(self, prediction: str, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """What a network trained for ``prediction`` (``eps``, ``x0`` or ``v``) should output."""
+        check_prediction(prediction)
+        if prediction == "eps":
+            return eps
+        return x0 if prediction == "x0" else self.v_target(x0, t, eps)
+
+    def eps_from_output(self, prediction: str, x_t: Tensor, t: Tensor, output: Tensor) -> Tensor:
+        """The noise implied by a network's output, whatever it predicts: what every sampler consumes."""
+        check_prediction(prediction)
+        if prediction == "eps":
+            return output
+        if prediction == "x0":
+            return self.predict_eps_from_x0(x_t, t, output)
+        return self.predict_eps_from_v(x_t, t, output)
+
+    def x0_from_output(self, prediction: str, x_t: Tensor, t: Tensor, output: Tensor) -> Tensor:
+        check_prediction(prediction)
+        if prediction == "eps":
+            return self.predict_x0_from_eps(x_t, t, output)
+        return output if prediction == "x0" else self.predict_x0_from_v(x_t, t, output)
+
+    def snr_at(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t), per timestep in ``t``."""
+        return self.snr[t]
 
     # --- reverse process -------------------------------------------------------------------------
     def alpha_bar_at(self, t: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffusion.errors import ConfigError
-from diffusion.schedule import NoiseSchedule, cosine_betas
+from diffusion.schedule import PREDICTIONS, NoiseSchedule, cosine_betas, sigmoid_betas
 
 
 def test_linear_schedule_endpoints_and_alpha_bar():
@@ -78,6 +78,50 @@ def test_eps_x0_conversions_round_trip():
     assert torch.allclose(s.predict_eps_from_x0(xt, t, x0), eps, atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine", "sigmoid"])
+def test_eps_x0_v_conversions_round_trip(kind):
+    """From x_t and any one of eps, x0, v, the other two follow exactly (float64 to see the algebra alone)."""
+    s = NoiseSchedule(kind)
+    ab = torch.tensor(s.alpha_bar_f64, dtype=torch.float64)
+    for name, value in {"alpha_bar": ab, "sqrt_alpha_bar": ab.sqrt(), "sqrt_one_minus_alpha_bar": (1 - ab).sqrt(),
+                        "sqrt_recip_alpha_bar": (1 / ab).sqrt(), "sqrt_recipm1_alpha_bar": (1 / ab - 1).sqrt()}.items():
+        s._buffers[name] = value
+    x0, eps = torch.rand(16, 3, 4, 4, dtype=torch.float64) * 2 - 1, torch.randn(16, 3, 4, 4, dtype=torch.float64)
+    t = torch.cat([torch.tensor([0, 1, 998, 999]), torch.randint(0, 1000, (12,))])
+    xt = s.q_sample(x0, t, eps)
+    truth = {"eps": eps, "x0": x0, "v": s.v_target(x0, t, eps)}
+    # v = sqrt(ab) eps - sqrt(1 - ab) x0, Salimans & Ho 2022, eq. (its definition); |v| has unit variance like eps.
+    ab = s.alpha_bar[t].view(-1, 1, 1, 1)
+    assert torch.allclose(truth["v"], ab.sqrt() * eps - (1 - ab).sqrt() * x0)
+    for prediction in PREDICTIONS:
+        out = s.target(prediction, x0, t, eps)
+        assert torch.equal(out, truth[prediction])
+        assert torch.allclose(s.eps_from_output(prediction, xt, t, out), eps, atol=1e-9, rtol=0) or prediction == "x0"
+        assert torch.allclose(s.x0_from_output(prediction, xt, t, out), x0, atol=1e-9, rtol=0) or prediction == "eps"
+    # eps from an x0 prediction divides by sqrt(1/ab - 1), tiny at t=0; x0 from eps divides by sqrt(ab), tiny at
+    # t=T-1: exact away from those ends, as the algebra says.
+    mid = (t > 0) & (t < 999)
+    assert torch.allclose(s.eps_from_output("x0", xt, t, x0)[mid], eps[mid], atol=1e-8)
+    assert torch.allclose(s.x0_from_output("eps", xt, t, eps)[mid], x0[mid], atol=1e-8)
+    with pytest.raises(ConfigError, match="Unknown prediction"):
+        s.target("score", x0, t, eps)
+
+
+def test_sigmoid_schedule_follows_its_formula_and_snr_is_alpha_bar_ratio():
+    T = 1000
+    s = NoiseSchedule("sigmoid", T)
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    f = lambda t: (sig(3) - sig(6 * t / T - 3)) / (sig(3) - sig(-3))  # Chen 2023, start -3, end 3, tau 1
+    for t in (0, 250, 500, 900):
+        assert s.alpha_bar[t].item() == pytest.approx(f(t + 1), rel=1e-5)
+    assert bool((s.alpha_bar[1:] < s.alpha_bar[:-1]).all()) and sigmoid_betas(T).max().item() == pytest.approx(0.999)
+    for kind in ("linear", "cosine", "sigmoid"):
+        s = NoiseSchedule(kind, T)
+        t = torch.arange(T)
+        ab = torch.tensor(s.alpha_bar_f64, dtype=torch.float64)
+        assert torch.allclose(s.snr_at(t).double(), ab / (1 - ab), rtol=1e-6)
+
+
 def test_buffers_stay_fp32_and_out_of_checkpoints():
     s = NoiseSchedule()
     s.to(torch.bfloat16)
@@ -92,6 +136,7 @@ def test_buffers_stay_fp32_and_out_of_checkpoints():
         (dict(kind="quadratic"), "Unknown noise schedule"),
         (dict(beta_start=0.02, beta_end=1e-4), "beta_start < beta_end"),
         (dict(num_timesteps=1), "at least 2"),
+        (dict(kind="sigmoid", sigmoid_start=3.0, sigmoid_end=-3.0), "start < end"),
     ],
 )
 def test_bad_schedule_arguments(kwargs, message):
