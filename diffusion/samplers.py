@@ -16,7 +16,7 @@ The arithmetic stays fp32 whatever precision the denoiser runs in.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -61,6 +61,10 @@ def _check_timesteps(schedule: NoiseSchedule, timesteps: Tensor) -> list[int]:
 def _randn(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
+
+
+def _full(x: Tensor, t: int) -> Tensor:
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
 def _predict_x0(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, t: Tensor, clip_x0: bool):
@@ -144,7 +148,52 @@ def ddim_sample(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+def _half_log_snr(alpha_bar: float) -> float:
+    """lambda_t = log(alpha_t / sigma_t) with alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t)."""
+    return 0.5 * (math.log(alpha_bar) - math.log1p(-alpha_bar))
+
+
+@torch.no_grad()
+def dpmpp2m_sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    timesteps: Tensor,
+    generator: Optional[torch.Generator] = None,
+    *,
+    clip_x0: bool = True,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+    Probabilistic Models", Algorithm 2): the multistep second-order solver of the diffusion ODE in its
+    data-prediction form, on the discrete timesteps given (lambda_t read off ``alpha_bar_f64``).
+
+    Each step from s to t (h = lambda_t - lambda_s) is
+    x_t = sigma_t / sigma_s * x_s + alpha_t * (1 - e^-h) * D, with D = x0_s + (x0_s - x0_prev) / (2 r),
+    r = h_prev / h; the first step has no previous prediction and uses D = x0_s, which is DDIM's step.
+    Deterministic: ``generator`` is accepted for the common signature and unused.
+
+    Use it on the default ``trailing`` timesteps: a grid that ends at t=0 (``linspace``, ``leading``) makes the
+    last lambda step several times the previous one (3.6 after 0.77 for 10 linear-schedule steps), and the 2M
+    extrapolation overshoots there; with fewer than about 40 steps such grids come out worse than DDIM.
+    """
+    ts = _check_timesteps(schedule, timesteps)
+    ab = schedule.alpha_bar_f64
+    x = x_T.float()
+    x0_prev, h_prev = None, 0.0
+    for t, t_next in zip(ts, ts[1:]):
+        x0, _ = _predict_x0(denoiser, schedule, x, _full(x, t), clip_x0)
+        h = _half_log_snr(ab[t_next]) - _half_log_snr(ab[t])
+        d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * (h / (2 * h_prev))
+        x = math.sqrt((1 - ab[t_next]) / (1 - ab[t])) * x + math.sqrt(ab[t_next]) * -math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    # The step to x_0 has sigma = 0 and lambda = +inf: first order lands exactly on the data prediction, while
+    # the 2M correction would need r = h_prev / h = 0. This is the paper's "lower order final" (advised for
+    # < 15 steps, for stability) applied to every run. Making the step before it first order too helps nothing
+    # on trailing grids: it made the 10-step error on Gaussian data 3.5 times larger.
+    return _predict_x0(denoiser, schedule, x, _full(x, ts[-1]), clip_x0)[0]
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp2m": dpmpp2m_sample}
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:
@@ -152,3 +201,65 @@ def get_sampler(name: str) -> Callable[..., Tensor]:
         return SAMPLERS[name]
     except KeyError:
         raise ConfigError(f"Unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}.") from None
+
+
+def slerp(a: Tensor, b: Tensor, weights: Sequence[float] | Tensor) -> Tensor:
+    """Spherical interpolation between two samples, one interpolant per weight: [len(weights), *sample shape].
+
+    ``a`` and ``b`` are one sample each, [C, H, W] or a batch of one [1, C, H, W] (any other shape is taken
+    whole as one sample). The result is sin((1-w) theta) / sin(theta) a + sin(w theta) / sin(theta) b, theta the
+    angle between the flattened a and b: for two Gaussian noises of about the same norm every interpolant keeps
+    that norm, so it still looks like noise the model was trained on, whereas lerp's midpoint shrinks by about
+    1/sqrt(2). Weight 0 gives ``a`` and weight 1 gives ``b`` bit for bit; when a and b are (anti)parallel or one
+    is zero, theta says nothing and linear interpolation is used.
+    """
+    if a.shape != b.shape:
+        raise ConfigError(f"slerp needs two samples of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+    if a.ndim == 4:
+        if a.shape[0] != 1:
+            raise ConfigError(f"slerp interpolates between two single samples, got a batch of {a.shape[0]}.")
+        a, b = a[0], b[0]
+    ws = torch.as_tensor(weights, dtype=torch.float64).flatten().tolist()
+    af, bf = a.flatten().double(), b.flatten().double()
+    norms = (af.norm() * bf.norm()).item()
+    theta = math.acos(max(-1.0, min(1.0, (af @ bf).item() / norms))) if norms > 0 else 0.0
+    spherical = math.sin(theta) > 1e-6
+
+    def mix(w: float) -> Tensor:
+        # Exact endpoints: a * 1.0 + b * 0.0 could still differ from a (a -0.0 turns into +0.0).
+        if w == 0:
+            return a
+        if w == 1:
+            return b
+        if spherical:
+            ca, cb = math.sin((1 - w) * theta) / math.sin(theta), math.sin(w * theta) / math.sin(theta)
+        else:
+            ca, cb = 1 - w, w
+        return ca * a + cb * b
+
+    return torch.stack([mix(w) for w in ws])
+
+
+@torch.no_grad()
+def interpolate(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T_a: Tensor,
+    x_T_b: Tensor,
+    timesteps: Tensor,
+    num: int = 8,
+    *,
+    sampler: Callable[..., Tensor] = ddim_sample,
+    **options,
+) -> Tensor:
+    """Samples along the great circle between two noises: [num, C, H, W], rows 0 and num-1 being the samples
+    of ``x_T_a`` and ``x_T_b`` ([C, H, W] or [1, C, H, W] each).
+
+    All ``num`` slerped noises (weights 0, 1/(num-1), ..., 1) go through ``sampler`` in one batch; ``options``
+    are passed on to it (``clip_x0``, ``eta``, ...). Use a deterministic sampler (``ddim`` with eta=0,
+    ``dpmpp2m``), or the rows are not a smooth path.
+    """
+    if num < 2:
+        raise ConfigError(f"interpolate needs num >= 2 to include both endpoints, got {num}.")
+    x_T = slerp(x_T_a.float(), x_T_b.float(), [i / (num - 1) for i in range(num)])
+    return sampler(denoiser, schedule, x_T, timesteps, **options)

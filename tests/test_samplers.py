@@ -2,7 +2,18 @@ import pytest
 import torch
 
 from diffusion.errors import ConfigError
-from diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, get_sampler, make_timesteps
+import math
+
+from diffusion.samplers import (
+    SAMPLERS,
+    ddim_sample,
+    ddpm_sample,
+    dpmpp2m_sample,
+    get_sampler,
+    interpolate,
+    make_timesteps,
+    slerp,
+)
 from diffusion.schedule import NoiseSchedule
 
 
@@ -95,7 +106,9 @@ def test_ddim_eta1_over_all_steps_equals_ddpm(schedule, clip):
     assert torch.allclose(ddpm, ddim, atol=1e-4), (ddpm - ddim).abs().max()
 
 
-@pytest.mark.parametrize("name, steps", [("ddpm", 1000), ("ddim", 50), ("ddim", 10)])
+@pytest.mark.parametrize(
+    "name, steps", [("ddpm", 1000), ("ddim", 50), ("ddim", 10), ("dpmpp2m", 10), ("dpmpp2m", 1)]
+)
 def test_samplers_recover_a_point_mass(schedule, name, steps):
     target = torch.rand(1, 1, 5, 5) * 1.6 - 0.8
     x_T = torch.randn(4, 1, 5, 5)
@@ -103,7 +116,9 @@ def test_samplers_recover_a_point_mass(schedule, name, steps):
     assert torch.allclose(out, target.expand_as(out), atol=1e-3)
 
 
-@pytest.mark.parametrize("name, steps, kw", [("ddpm", 1000, {}), ("ddim", 1000, {}), ("ddim", 1000, {"eta": 0.5})])
+@pytest.mark.parametrize(
+    "name, steps, kw", [("ddpm", 1000, {}), ("ddim", 1000, {}), ("ddim", 1000, {"eta": 0.5}), ("dpmpp2m", 50, {})]
+)
 def test_samplers_reproduce_gaussian_data(schedule, name, steps, kw):
     """With the exact denoiser for N(0, 0.5^2), samples must have std 0.5 (no clipping: it would bias them)."""
     x_T = torch.randn(20_000, 1, 1, 1, generator=torch.Generator().manual_seed(3))
@@ -141,13 +156,12 @@ def test_seeds_make_samples_reproducible(schedule):
     assert torch.equal(run(0, ddim_sample), run(1, ddim_sample))
 
 
-def test_clipping_keeps_predicted_x0_in_range(schedule):
-    seen = []
-
+@pytest.mark.parametrize("sampler", [ddim_sample, dpmpp2m_sample])
+def test_clipping_keeps_predicted_x0_in_range(schedule, sampler):
     def wild(x, t):
         return -10 * torch.ones_like(x)  # implies x0 far outside [-1, 1]
 
-    out = ddim_sample(wild, schedule, torch.randn(2, 1, 3, 3), make_timesteps(1000, 5), None, clip_x0=True)
+    out = sampler(wild, schedule, torch.randn(2, 1, 3, 3), make_timesteps(1000, 5), None, clip_x0=True)
     assert out.abs().max() <= 1.0 + 1e-5
 
 
@@ -167,4 +181,189 @@ def test_bad_sampler_input(schedule):
         make_timesteps(1000, 0)
     with pytest.raises(ConfigError, match="spacing"):
         make_timesteps(1000, 10, "random")
-    assert set(SAMPLERS) == {"ddpm", "ddim"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp2m"}
+
+
+# --- DPM-Solver++(2M) ---------------------------------------------------------------------------------
+
+
+def gaussian_ode_solution(schedule, std, x_T, timesteps):
+    """What an exact ODE solver gives on ``timesteps`` for N(0, std^2) data: the probability-flow ODE only
+    rescales x_t (to keep it N(0, ab std^2 + 1 - ab)) from the first timestep to the last one, and the final
+    step to x_0 then returns E[x_0 | x_t] there, as every sampler here does."""
+    ab = schedule.alpha_bar_f64
+    t0, t1 = int(timesteps[0]), int(timesteps[-1])
+    var = lambda t: ab[t] * std**2 + 1 - ab[t]
+    return (x_T.double() * math.sqrt(ab[t1]) * std**2 / math.sqrt(var(t1) * var(t0))).float()
+
+
+def _rel_err(out, ref):
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def test_dpmpp2m_converges_to_the_ddim_ode_solution(schedule):
+    ts = make_timesteps(1000, 1000)
+    x_T = torch.randn(64, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    den = GaussianDenoiser(schedule, 0.5)
+    exact = gaussian_ode_solution(schedule, 0.5, x_T, ts)
+    ddim = ddim_sample(den, schedule, x_T, ts, clip_x0=False)
+    dpm = dpmpp2m_sample(den, schedule, x_T, ts, clip_x0=False)
+    assert _rel_err(ddim, exact) < 5e-3  # DDIM's own first-order error at 1000 steps
+    assert _rel_err(dpm, exact) < 5e-4 and _rel_err(dpm, ddim) < 5e-3
+    # A network-like denoiser, with the clipping that sampling uses by default.
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ddim = ddim_sample(wobbly_denoiser, schedule, x_T, ts)
+    assert (dpmpp2m_sample(wobbly_denoiser, schedule, x_T, ts) - ddim).abs().max() < 5e-3
+    assert (dpmpp2m_sample(wobbly_denoiser, schedule, x_T, make_timesteps(1000, 20)) - ddim).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("steps", [10, 15, 20])
+def test_dpmpp2m_beats_ddim_with_few_steps(kind, steps):
+    schedule = NoiseSchedule(kind, 1000)
+    ts = make_timesteps(1000, steps)
+    x_T = torch.randn(64, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    den = GaussianDenoiser(schedule, 0.5)
+    exact = gaussian_ode_solution(schedule, 0.5, x_T, ts)
+    ddim = _rel_err(ddim_sample(den, schedule, x_T, ts, clip_x0=False), exact)
+    dpm = _rel_err(dpmpp2m_sample(den, schedule, x_T, ts, clip_x0=False), exact)
+    assert dpm < ddim / 3, (ddim, dpm)
+
+
+def test_dpmpp2m_is_second_order(schedule):
+    """Doubling the steps divides the error by about 4 (by 2 for first-order DDIM, the check's control).
+    On ``linspace`` grids, whose steps shrink uniformly, and past the few-step regime where the 2M
+    extrapolation's error has not yet settled to its asymptotic form."""
+    x_T = torch.randn(64, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    den = GaussianDenoiser(schedule, 0.5)
+
+    def errors(sampler):
+        grids = [make_timesteps(1000, n, "linspace") for n in (40, 80, 160)]
+        exact = gaussian_ode_solution(schedule, 0.5, x_T, grids[0])  # all grids run from 999 to 0
+        return [_rel_err(sampler(den, schedule, x_T, ts, clip_x0=False), exact) for ts in grids]
+
+    dpm, ddim = errors(dpmpp2m_sample), errors(ddim_sample)
+    assert dpm[1] < dpm[0] / 3 and dpm[2] < dpm[1] / 3, dpm
+    assert not ddim[1] < ddim[0] / 3 and ddim[1] < ddim[0] / 1.5, ddim
+
+
+def test_dpmpp2m_first_step_is_ddim(schedule):
+    """With two timesteps there is no previous prediction to extrapolate from: one DDIM step, then x_0."""
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    for ts in ([999, 500], [600, 20], [5, 0]):
+        for clip in (False, True):
+            ddim = ddim_sample(wobbly_denoiser, schedule, x_T, torch.tensor(ts), clip_x0=clip)
+            dpm = dpmpp2m_sample(wobbly_denoiser, schedule, x_T, torch.tensor(ts), clip_x0=clip)
+            assert torch.allclose(dpm, ddim, rtol=1e-5, atol=1e-5), (ts, clip)
+
+
+def test_dpmpp2m_is_registered_deterministic_and_finite(schedule):
+    assert get_sampler("dpmpp2m") is dpmpp2m_sample
+    x_T = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    ts = make_timesteps(1000, 8)
+    generators = (None, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    runs = [dpmpp2m_sample(wobbly_denoiser, schedule, x_T, ts, g) for g in generators]
+    assert runs[0].dtype == torch.float32 and torch.isfinite(runs[0]).all()
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    # Every schedule, including the sigmoid one whose alpha-bar reaches ~1e-7 at t=T-1 (lambda ~ -8).
+    for kind in ("cosine", "sigmoid"):
+        out = dpmpp2m_sample(wobbly_denoiser, NoiseSchedule(kind, 1000), x_T, ts, clip_x0=False)
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("sampler", [ddim_sample, dpmpp2m_sample])
+def test_bad_timesteps(schedule, sampler):
+    x = torch.randn(1, 1, 2, 2)
+    with pytest.raises(ConfigError, match="strictly decreasing"):
+        sampler(wobbly_denoiser, schedule, x, torch.tensor([10, 20]))
+    with pytest.raises(ConfigError, match=r"\[0, 999\]"):
+        sampler(wobbly_denoiser, schedule, x, torch.tensor([1000, 20]))
+    with pytest.raises(ConfigError, match="empty"):
+        sampler(wobbly_denoiser, schedule, x, torch.tensor([], dtype=torch.long))
+
+
+# --- slerp and interpolation ------------------------------------------------------------------------
+
+
+def _bits(x):
+    return x.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 6, 6), (1, 6, 6), (3, 4, 5)])
+def test_slerp_endpoints_are_exact(shape):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    # The formula alone is not bit-exact: 1.0 * -0.0 + 0.0 * 1.0 is +0.0.
+    a.view(-1)[0], b.view(-1)[0], a.view(-1)[-1], b.view(-1)[-1] = -0.0, 1.0, 1.0, -0.0
+    out = slerp(a, b, [0.0, 0.25, 0.5, 1.0])
+    sample = shape[1:] if len(shape) == 4 else shape
+    assert out.shape == (4, *sample)
+    assert torch.equal(_bits(out[0]), _bits(a.reshape(sample)))
+    assert torch.equal(_bits(out[-1]), _bits(b.reshape(sample)))
+    assert slerp(a, b, torch.linspace(0, 1, 3)).shape == (3, *sample)
+
+
+def test_slerp_follows_the_great_circle():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    h = math.sqrt(0.5)
+    assert torch.allclose(slerp(a, b, [0.5]), torch.tensor([[h, h]]))
+    out = slerp(a, b, [1 / 3])
+    assert torch.allclose(out, torch.tensor([[math.cos(math.pi / 6), math.sin(math.pi / 6)]]))
+
+
+def test_slerp_keeps_the_norm_of_gaussian_noise():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(1, 1, 28, 28, generator=g), torch.randn(1, 1, 28, 28, generator=g)
+    weights = torch.linspace(0, 1, 9)
+    norms = slerp(a, b, weights).flatten(1).norm(dim=1)
+    ends = torch.stack([a.norm(), b.norm()])
+    assert ((norms - ends.mean()).abs() < 0.02 * ends.mean()).all(), norms
+    # lerp, the control: its midpoint shrinks by about 1/sqrt(2), far outside the Gaussian shell.
+    assert (0.5 * (a + b)).norm() < 0.75 * ends.mean()
+
+
+def test_slerp_falls_back_to_lerp_without_an_angle():
+    a = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    zero = torch.zeros_like(a)
+    for b, mid in ((a.clone(), a[0]), (2 * a, 1.5 * a[0]), (-a, zero[0]), (zero, 0.5 * a[0])):
+        out = slerp(a, b, [0.0, 0.5, 1.0])
+        assert torch.isfinite(out).all() and torch.allclose(out[1], mid, atol=1e-6)
+
+
+def test_slerp_rejects_batches_and_mismatched_shapes():
+    with pytest.raises(ConfigError, match="single samples"):
+        slerp(torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), [0.5])
+    with pytest.raises(ConfigError, match="same shape"):
+        slerp(torch.randn(1, 4, 4), torch.randn(1, 4, 5), [0.5])
+
+
+def _conv_denoiser():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 1, 3, padding=1))
+    return lambda x, t: net(x) * (1 + t.view(-1, 1, 1, 1) / 1000)
+
+
+@pytest.mark.parametrize("sampler", [ddim_sample, dpmpp2m_sample])
+def test_interpolate_ends_on_the_endpoint_samples(schedule, sampler):
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(1, 1, 8, 8, generator=g), torch.randn(1, 1, 8, 8, generator=g)
+    ts = make_timesteps(1000, 10)
+    # An elementwise denoiser does the same arithmetic whatever the batch: the ends match bit for bit.
+    out = interpolate(wobbly_denoiser, schedule, a, b, ts, 5, sampler=sampler)
+    assert out.shape == (5, 1, 8, 8) and torch.isfinite(out).all()
+    assert torch.equal(out[0], sampler(wobbly_denoiser, schedule, a, ts)[0])
+    assert torch.equal(out[-1], sampler(wobbly_denoiser, schedule, b, ts)[0])
+    assert not torch.allclose(out[2], out[0]) and not torch.allclose(out[2], out[-1])
+    # A convolution may pick another kernel for another batch size: equal up to float rounding.
+    den = _conv_denoiser()
+    with torch.no_grad():
+        out = interpolate(den, schedule, a[0], b[0], ts, 4, sampler=sampler, clip_x0=False)
+        assert out.shape == (4, 1, 8, 8)
+        assert torch.allclose(out[0], sampler(den, schedule, a, ts, clip_x0=False)[0], atol=1e-5)
+        assert torch.allclose(out[-1], sampler(den, schedule, b, ts, clip_x0=False)[0], atol=1e-5)
+
+
+def test_interpolate_needs_both_endpoints(schedule):
+    a = torch.randn(1, 1, 4, 4)
+    with pytest.raises(ConfigError, match="num >= 2"):
+        interpolate(wobbly_denoiser, schedule, a, a, make_timesteps(1000, 5), 1)
