@@ -118,17 +118,42 @@ def labelled_rows(rows: Sequence[Tensor], labels: Sequence[str], scale: int = 2)
     return canvas
 
 
+def module_class_names(trainer: Optional[Trainer], num_classes: int) -> list[str]:
+    """The data's class names where it has them (CIFAR-10's), else the class indices."""
+    classes = list(getattr(getattr(trainer, "datamodule", None), "classes", None) or [])
+    return [str(c) for c in classes[:num_classes]] if len(classes) >= num_classes else [str(c) for c in range(num_classes)]
+
+
 def _image_shape(module: LightningModule) -> tuple[int, int, int]:
     net = module.net
     return (net.in_channels, net.image_size, net.image_size)
 
 
-def _sample_fn(module: LightningModule, trainer: Trainer, spec: ev.SamplerSpec):
-    def run(x_T: Tensor, generator: torch.Generator) -> Tensor:
+def _num_classes(module: LightningModule) -> int:
+    return int(getattr(module.net, "num_classes", 0))
+
+
+def _sample_fn(module: LightningModule, trainer: Trainer, spec: ev.SamplerSpec, labels: Optional[Tensor] = None):
+    """``run(x_T, generator, indices)``: samples through ``spec``; a class-conditional model gets ``labels``, or
+    class i mod K for sample i."""
+
+    def run(x_T: Tensor, generator: torch.Generator, indices: Optional[range] = None) -> Tensor:
+        y = labels
+        if y is None and _num_classes(module):
+            y = ev.class_labels(indices if indices is not None else range(x_T.shape[0]), _num_classes(module))
         with trainer.precision_plugin.forward_context():
-            return module.sample(x_T.shape[0], sampler=spec.name, steps=spec.steps, x_T=x_T, generator=generator)
+            return module.sample(x_T.shape[0], sampler=spec.name, steps=spec.steps, x_T=x_T, generator=generator,
+                                 labels=y, guidance=spec.guidance)
 
     return run
+
+
+def _check_guidance(specs: Sequence[ev.SamplerSpec], module: LightningModule, owner: str) -> None:
+    if not _num_classes(module) and any(s.guidance for s in specs):
+        raise ConfigError(
+            f"{owner}: {', '.join(s.text for s in specs if s.guidance)} ask for guidance, but the model is "
+            "unconditional (num_classes is 0): drop the '@w' suffixes or train a class-conditional model."
+        )
 
 
 def _is_last_step(trainer: Trainer) -> bool:
@@ -228,8 +253,9 @@ class FIDEvaluation(_ValidateAtLastStep):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         T = pl_module.schedule.num_timesteps
-        ev.parse_samplers([s.key for s in self.specs], T)
-        ev.parse_samplers([s.key for s in self.test_specs], T)
+        ev.parse_samplers([s.text for s in self.specs], T)
+        ev.parse_samplers([s.text for s in self.test_specs], T)
+        _check_guidance([*self.specs, *self.test_specs], pl_module, "FIDEvaluation")
         if not hasattr(trainer.datamodule, "reference_set"):
             raise ConfigError(
                 "FIDEvaluation needs a data module with reference_set(split), such as DiffusionDataModule; "
@@ -293,8 +319,8 @@ class FIDEvaluation(_ValidateAtLastStep):
                 path = run_dir(trainer) / "fid_samples" / f"{getattr(trainer.state.stage, 'value', 'eval')}-step{trainer.global_step}-{spec.key}-rank{rank}.npz"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 np.savez_compressed(path, images=ev.to_fid_uint8(images)[:, : images.shape[1]].numpy(), indices=np.asarray(share))
-            results[spec.key] = {"sampler": spec.name, "steps": spec.steps, "fid": fid, "seconds": seconds,
-                                 "images_per_second": num_samples / max(seconds, 1e-9)}
+            results[spec.key] = {"sampler": spec.name, "steps": spec.steps, "guidance": spec.guidance, "fid": fid,
+                                 "seconds": seconds, "images_per_second": num_samples / max(seconds, 1e-9)}
             rank_zero_info(f"FID {spec.key}: {fid:.2f} ({num_samples} samples, {seconds:.1f} s sampling)")
         self.last_results = results
         return results
@@ -308,30 +334,41 @@ class FIDEvaluation(_ValidateAtLastStep):
             pl_module.log(f"fid_seconds/{key}", r["seconds"], sync_dist=True)
         families: dict[str, tuple[list, list]] = {}
         for r in sorted(results.values(), key=lambda r: r["steps"]):
-            xs, ys = families.setdefault(r["sampler"], ([], []))
+            name = r["sampler"] if r["guidance"] is None else f"{r['sampler']} w={r['guidance']:g}"
+            xs, ys = families.setdefault(name, ([], []))
             xs.append(r["steps"])
             ys.append(r["fid"])
         log_line_chart(trainer, "fid/vs_steps", "FID against sampling steps", "steps", families)
+        sweeps: dict[str, tuple[list, list]] = {}
+        for r in sorted(results.values(), key=lambda r: r["guidance"] or 0.0):
+            if r["guidance"] is not None:
+                xs, ys = sweeps.setdefault(f"{r['sampler']}{r['steps']}", ([], []))
+                xs.append(r["guidance"])
+                ys.append(r["fid"])
+        if any(len(xs) > 1 for xs, _ in sweeps.values()):
+            log_line_chart(trainer, "fid/vs_guidance", "FID against the guidance scale w", "w", sweeps)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.test_num_samples:
             return
         num_samples = self.limited("test_num_samples", pl_module.device)
         results = self.evaluate(trainer, pl_module, self.test_specs, num_samples)
-        rows = [[r["sampler"], r["steps"], r["fid"], r["seconds"], r["images_per_second"]] for r in results.values()]
+        rows = [[r["sampler"], r["steps"], r["guidance"], r["fid"], r["seconds"], r["images_per_second"]] for r in results.values()]
         floor = None
         if self.test_floor:
             held_out = trainer.datamodule.reference_set("test")
             floor = ev.fid_of_dataset(self.metric(trainer, pl_module), held_out, num_samples,
                                       self.batch_size, pl_module.device)
             n_floor = min(len(held_out), num_samples)
-            rows.append([f"held-out data ({n_floor} images): the floor", None, floor, None, None])
+            rows.append([f"held-out data ({n_floor} images): the floor", None, None, floor, None, None])
             pl_module.log("test/fid_floor", floor, sync_dist=True)
         for key, r in results.items():
             pl_module.log(f"test/fid/{key}", r["fid"], sync_dist=True)
             pl_module.log(f"test/fid_seconds/{key}", r["seconds"], sync_dist=True)
             pl_module.log(f"test/images_per_second/{key}", r["images_per_second"], sync_dist=True)
-        columns = ["sampler", "steps", "FID", "seconds", "images/s"]
+        columns = ["sampler", "steps", "guidance", "FID", "seconds", "images/s"]
+        if all(r["guidance"] is None for r in results.values()):  # an unconditional model: no guidance column
+            columns, rows = columns[:2] + columns[3:], [row[:2] + row[3:] for row in rows]
         if trainer.is_global_zero:
             # The answer `test` was run for: stdout, next to Lightning's table of metrics.
             print(format_table(columns, rows, f"FID of {num_samples} samples against the training set"), flush=True)
@@ -350,6 +387,7 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: s
 # --- sample grids ----------------------------------------------------------------------------------------
 class SampleGrids(_ValidateAtLastStep):
     """At validation epoch ends, the same seeded noise through each sampler, one labelled row per sampler;
+    for a class-conditional model also a grid with one row per class for each guidance scale in the samplers;
     once per run, a forward-process strip (a training image at t = 0, T/10, ..., T-1). Logged as images and
     written as PNGs under ``<run dir>/images``.
 
@@ -380,7 +418,8 @@ class SampleGrids(_ValidateAtLastStep):
         self.written: list[Path] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        ev.parse_samplers([s.key for s in self.specs], pl_module.schedule.num_timesteps)
+        ev.parse_samplers([s.text for s in self.specs], pl_module.schedule.num_timesteps)
+        _check_guidance(self.specs, pl_module, "SampleGrids")
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not _due(trainer, self.every_n_epochs):
@@ -394,14 +433,34 @@ class SampleGrids(_ValidateAtLastStep):
             generator = torch.Generator().manual_seed(self.seed)
             rows.append(_sample_fn(module, trainer, spec)(x_T, generator).cpu())
         tag = f"epoch{trainer.current_epoch:03d}-step{trainer.global_step:06d}"
-        self._emit(trainer, "samples/grid", labelled_rows(rows, [s.key for s in self.specs]), f"samples-{tag}",
-                   f"{', '.join(s.key for s in self.specs)} from the same noise, step {trainer.global_step}")
+        self._emit(trainer, "samples/grid", labelled_rows(rows, [s.text for s in self.specs]), f"samples-{tag}",
+                   f"{', '.join(s.text for s in self.specs)} from the same noise, step {trainer.global_step}")
+        num_classes = _num_classes(module)
+        if num_classes:
+            # One grid per guidance scale: the first sampler listed at that scale, one row per class.
+            firsts: dict[Optional[float], ev.SamplerSpec] = {}
+            for spec in self.specs:
+                firsts.setdefault(spec.guidance, spec)
+            for spec in firsts.values():
+                images = self.class_rows(trainer, module, spec, shape, num_classes, pl_module.device)
+                w = module.hparams.get("sample_guidance", 0.0) if spec.guidance is None else spec.guidance
+                self._emit(trainer, f"samples/classes_w{w:g}", labelled_rows(images, module_class_names(trainer, num_classes)),
+                           f"classes-w{w:g}-{tag}", f"one row per class, {spec.text}, guidance w={w:g}, step {trainer.global_step}")
         if self.forward_frames > 0 and not self._strip_done:
             strip = self.forward_strip(trainer, pl_module)
             if strip is not None:
                 self._emit(trainer, "samples/forward_process", labelled_rows([strip], ["q(x_t|x_0)"]), "forward",
                            f"one image at t = {', '.join(map(str, self.frame_timesteps(pl_module)))}")
             self._strip_done = True
+
+    def class_rows(self, trainer, module, spec, shape, num_classes: int, device) -> list[Tensor]:
+        x_T = ev.seeded_noise(range(self.num_images), shape, self.seed).to(device)
+        rows = []
+        for c in range(num_classes):
+            labels = torch.full((self.num_images,), c, dtype=torch.long)
+            generator = torch.Generator().manual_seed(self.seed)
+            rows.append(_sample_fn(module, trainer, spec, labels)(x_T, generator).cpu())
+        return rows
 
     def frame_timesteps(self, pl_module: LightningModule) -> list[int]:
         T = pl_module.schedule.num_timesteps

@@ -24,6 +24,7 @@ from torchvision.utils import save_image
 from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, TimestepDiagnostics
 from diffusion.data import DiffusionDataModule
 from diffusion.module import DiffusionModel, state_dict_mismatch
+from diffusion.samplers import slerp
 from diffusion.errors import CheckpointError, ConfigError, find_user_error
 
 
@@ -70,6 +71,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C], rounded (not truncated)."""
     x = images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def on_gpu(accelerator) -> bool:
+    """Whether the Trainer will run on a CUDA GPU with this accelerator setting."""
+    name = accelerator if isinstance(accelerator, str) or accelerator is None else type(accelerator).__name__.lower()
+    return torch.cuda.is_available() and (name or "auto") in ("auto", "gpu", "cuda", "cudaaccelerator")
 
 
 class DiffusionCLI(LightningCLI):
@@ -127,9 +134,12 @@ class DiffusionCLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        # Precision left unset: bf16 mixed precision on a GPU (the schedule and samplers stay fp32), fp32 elsewhere.
+        if config.trainer.get("precision") is None:
+            config.trainer.precision = "bf16-mixed" if on_gpu(config.trainer.get("accelerator")) else "32-true"
         # Keep everything a run writes under --trainer.default_root_dir, W&B's offline files included: a
         # logger's save_dir left at its default ('.' or None) follows default_root_dir.
-        config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir
         if not root:
             return
@@ -152,39 +162,93 @@ class DiffusionCLI(LightningCLI):
         seed: int = 0,
         out: str = "samples.png",
         save_npz: bool = False,
+        class_label: Optional[int] = None,
+        guidance: Optional[float] = None,
+        interpolate: int = 0,
     ) -> Path:
         """Generate images from a checkpoint's EMA weights and write them as a PNG grid.
 
         Args:
             ckpt_path: checkpoint written by ``fit`` (its ``state_dict`` holds the EMA weights).
-            sampler: ``ddpm`` or ``ddim`` (default: the model's ``sample_sampler``).
-            steps: sampling steps (``ddpm`` always takes all T; default for ``ddim``: the model's ``sample_steps``).
+            sampler: a name from the sampler registry, ``ddpm``, ``ddim`` or ``dpmpp2m`` (DPM-Solver++(2M)) (default:
+                the model's ``sample_sampler``).
+            steps: sampling steps (default: all T for ``ddpm``, the model's ``sample_steps`` for the others).
             eta: DDIM's noise scale (0: deterministic; 1: DDPM-like).
             num_samples: images to generate.
             batch_size: images per forward pass.
             seed: seeds a CPU ``torch.Generator``: the same seed gives the same images.
             out: PNG file for the grid.
             save_npz: also write the images as uint8 [N, H, W, C] to ``out`` with suffix ``.npz``.
+            class_label: a class-conditional model: generate this class only. Without it, the grid has one row
+                per class (num_samples is rounded up to a multiple of the number of classes).
+            guidance: classifier-free guidance scale w (default: the model's ``sample_guidance``; 0: the plain
+                conditional model).
+            interpolate: write an interpolation strip of this many images instead: two noises drawn from
+                ``seed``, spherically interpolated, each sampled with a deterministic sampler (``ddim`` with
+                eta 0, or ``dpmpp2m``); a class-conditional model without ``class_label`` gets one strip per
+                class from the same two noises. ``num_samples`` is ignored.
         """
         if num_samples < 1 or batch_size < 1:
             raise ConfigError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}.")
         load_weights(model, ckpt_path)
+        num_classes = model.num_classes
+        nrow = None
+        if class_label is not None:
+            labels = torch.full((num_samples,), class_label, dtype=torch.long)
+            model.sample_labels(1, class_label)  # a label out of range fails now, with its message
+        elif num_classes:
+            per_class = math.ceil(num_samples / num_classes)
+            num_samples, nrow = per_class * num_classes, per_class
+            labels = torch.arange(num_samples) // per_class
+        else:
+            labels = None
+        x_T = None
+        if interpolate:
+            x_T, labels = self._interpolation_noise(model, interpolate, sampler, eta, seed, class_label)
+            num_samples, nrow = x_T.shape[0], interpolate
         device = self.trainer.strategy.root_device
         model.to(device).eval()
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
         chunks = []
         with self.trainer.precision_plugin.forward_context():
-            for n in [batch_size] * (num_samples // batch_size) + [num_samples % batch_size]:
-                if n:
-                    chunks.append(model.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator).cpu())
+            for begin in range(0, num_samples, batch_size):
+                n = min(batch_size, num_samples - begin)
+                y = None if labels is None else labels[begin : begin + n]
+                x = None if x_T is None else x_T[begin : begin + n]
+                chunks.append(model.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator,
+                                           x_T=x, labels=y, guidance=guidance).cpu())
         images = torch.cat(chunks)
         seconds = time.perf_counter() - start
-        path = save_grid(images, out)
+        path = save_grid(images, out, nrow=nrow)
         if save_npz:
             np.savez_compressed(path.with_suffix(".npz"), images=to_uint8(images))
         rank_zero_info(f"Wrote {num_samples} samples to {path} in {seconds:.1f} s ({num_samples / seconds:.1f} images/s).")
         return path
+
+    @staticmethod
+    def _interpolation_noise(model, num: int, sampler, eta, seed: int, class_label):
+        """x_T for ``sample --interpolate``: one slerp strip between two seeded noises per row, and the labels."""
+        if num < 2:
+            raise ConfigError(f"--interpolate needs at least 2 images (both endpoints), got {num}.")
+        name = sampler or model.hparams.sample_sampler
+        eta = model.hparams.sample_eta if eta is None else eta
+        if name == "ddpm" or (name == "ddim" and eta):
+            raise ConfigError(
+                f"Interpolation needs a deterministic sampler, but {name!r}"
+                + (f" with eta={eta}" if name == "ddim" else "")
+                + " adds fresh noise at every step: use --sampler ddim --eta 0, or --sampler dpmpp2m."
+            )
+        generator = torch.Generator().manual_seed(seed)
+        shape = (model.net.in_channels, model.net.image_size, model.net.image_size)
+        a, b = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+        strip = slerp(a, b, [i / (num - 1) for i in range(num)])
+        if class_label is not None:
+            return strip, torch.full((num,), class_label, dtype=torch.long)
+        if model.num_classes:
+            rows = model.num_classes
+            return strip.repeat(rows, 1, 1, 1), torch.arange(rows).repeat_interleave(num)
+        return strip, None
 
 
 def main(args=None) -> None:

@@ -80,6 +80,9 @@ class EMA(WeightAveraging):
         # average would stay on the CPU and every update would copy all weights across.
         if self._device is None and self._average_model is not None:
             self._average_model.to(pl_module.device)
+        # The copy was made before the module chose its memory format (in its own setup hook).
+        if self._average_model is not None and hasattr(self._average_model.module, "apply_memory_format"):
+            self._average_model.module.apply_memory_format(pl_module.device)
 
     def _swap_models(self, pl_module: LightningModule) -> None:
         super()._swap_models(pl_module)

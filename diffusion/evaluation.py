@@ -28,33 +28,40 @@ from diffusion.samplers import SAMPLERS
 
 WEIGHTS_ENV = "DIFFUSION_FID_WEIGHTS"
 CACHE_ENV = "DIFFUSION_FID_CACHE"
-_SPEC = re.compile(r"^(?P<name>.*?[a-z])[-_]?(?P<steps>\d+)$")
+_SPEC = re.compile(r"^(?P<name>.*?[a-z])[-_]?(?P<steps>\d+)(?:@w(?P<guidance>\d+(?:\.\d*)?|\.\d+))?$")
 
 
 # --- sampler specifications ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler and its number of steps, written ``ddim10`` / ``ddpm1000`` in configs and metric names."""
+    """A sampler, its number of steps and optionally a guidance scale, written ``ddim10``, ``ddpm1000`` or
+    ``dpmpp2m20@w2`` (w = 2) in configs; metric names use ``key`` (``ddim10``, ``dpmpp2m20_w2``)."""
 
     name: str
     steps: int
+    guidance: Optional[float] = None
 
     @classmethod
     def parse(cls, text: str) -> "SamplerSpec":
         match = _SPEC.match(str(text).strip().lower())
         if match is None or match["name"] not in SAMPLERS:
             raise ConfigError(
-                f"Bad sampler {text!r}: write a sampler name and its steps, e.g. 'ddim25' or 'ddpm1000' "
-                f"(samplers: {', '.join(SAMPLERS)})."
+                f"Bad sampler {text!r}: write a sampler name and its steps, e.g. 'ddim25' or 'ddpm1000', and for a "
+                f"class-conditional model optionally a guidance scale, e.g. 'ddim25@w2' (samplers: {', '.join(SAMPLERS)})."
             )
         steps = int(match["steps"])
         if steps < 1:
             raise ConfigError(f"Bad sampler {text!r}: the number of steps must be positive.")
-        return cls(match["name"], steps)
+        guidance = float(match["guidance"]) if match["guidance"] is not None else None
+        return cls(match["name"], steps, guidance)
 
     @property
     def key(self) -> str:
-        return f"{self.name}{self.steps}"
+        return f"{self.name}{self.steps}" + ("" if self.guidance is None else f"_w{self.guidance:g}")
+
+    @property
+    def text(self) -> str:
+        return f"{self.name}{self.steps}" + ("" if self.guidance is None else f"@w{self.guidance:g}")
 
 
 def parse_samplers(specs: Sequence[str], num_timesteps: Optional[int] = None) -> list[SamplerSpec]:
@@ -95,6 +102,12 @@ def seeded_noise(indices: Iterable[int], shape: Sequence[int], seed: int) -> Ten
         g = torch.Generator().manual_seed(derive_seed(seed, i))
         rows.append(torch.randn(tuple(shape), generator=g))
     return torch.stack(rows) if rows else torch.empty(0, *shape)
+
+
+def class_labels(indices: Iterable[int], num_classes: int) -> Optional[Tensor]:
+    """Evaluation labels of a class-conditional model: sample i gets class i mod K, so any number of samples
+    covers the classes evenly (as MNIST's nearly balanced classes are); None for an unconditional model."""
+    return torch.tensor([i % num_classes for i in indices], dtype=torch.long) if num_classes else None
 
 
 def rank_share(total: int, rank: int, world_size: int) -> range:
@@ -287,7 +300,7 @@ def ensure_real_stats(
 
 # --- generating and scoring -----------------------------------------------------------------------------
 def generate_share(
-    sample_fn: Callable[[Tensor, torch.Generator], Tensor],
+    sample_fn: Callable[[Tensor, torch.Generator, range], Tensor],
     num_samples: int,
     shape: Sequence[int],
     seed: int,
@@ -297,7 +310,8 @@ def generate_share(
 ) -> int:
     """Generate this rank's share of ``num_samples`` images in batches and hand each batch to ``consume``.
 
-    ``sample_fn(x_T, generator)`` runs the sampler; x_T is seeded per sample, the sampler's own noise per batch.
+    ``sample_fn(x_T, generator, indices)`` runs the sampler on the samples with these global indices (which a
+    class-conditional model turns into labels); x_T is seeded per sample, the sampler's own noise per batch.
     """
     rank, world = dist_info()
     share = rank_share(num_samples, rank, world)
@@ -305,13 +319,13 @@ def generate_share(
         idx = range(start, min(start + batch_size, share.stop))
         x_T = seeded_noise(idx, shape, seed).to(device)
         generator = torch.Generator().manual_seed(derive_seed(seed, start, 1))
-        consume(sample_fn(x_T, generator))
+        consume(sample_fn(x_T, generator, idx))
     return len(share)
 
 
 def fid_of_samples(
     metric,
-    sample_fn: Callable[[Tensor, torch.Generator], Tensor],
+    sample_fn: Callable[[Tensor, torch.Generator, range], Tensor],
     num_samples: int,
     shape: Sequence[int],
     seed: int,
@@ -328,11 +342,11 @@ def fid_of_samples(
     kept: list[Tensor] = []
     seconds = 0.0
 
-    def timed(x_T: Tensor, generator: torch.Generator) -> Tensor:
+    def timed(x_T: Tensor, generator: torch.Generator, indices: range) -> Tensor:
         nonlocal seconds
         synchronize(device)
         start = time.perf_counter()
-        images = sample_fn(x_T, generator)
+        images = sample_fn(x_T, generator, indices)
         synchronize(device)
         seconds += time.perf_counter() - start
         return images

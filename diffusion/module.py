@@ -7,6 +7,7 @@ Kept thin on purpose: the math lives in ``schedule``/``samplers``, the network i
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Optional
 
@@ -18,25 +19,45 @@ from torch import Tensor, nn
 
 from diffusion.evaluation import derive_seed
 from diffusion.samplers import SAMPLERS, get_sampler, make_timesteps
-from diffusion.schedule import NoiseSchedule
+from diffusion.schedule import NoiseSchedule, check_prediction
 from diffusion.unet import UNet
 from diffusion.errors import CheckpointError, ConfigError, TrainingDiverged
 
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+
 
 class DiffusionModel(LightningModule):
-    """Epsilon-prediction DDPM (Ho et al. 2020) with the simple MSE loss and uniformly drawn timesteps.
+    """A Gaussian diffusion model (Ho et al. 2020) trained with the simple MSE loss, uniformly drawn timesteps,
+    and optionally class labels for classifier-free guidance (Ho & Salimans 2022).
 
     Args:
-        net: the noise predictor; ``net(x_t, t)`` returns a tensor of ``x_t``'s shape.
-        schedule: ``linear`` or ``cosine``.
+        net: the network; ``net(x_t, t, y=None)`` returns a tensor of ``x_t``'s shape (a ``UNet``).
+        schedule: ``linear``, ``cosine`` or ``sigmoid``.
         num_timesteps: T, the number of diffusion steps.
         beta_start, beta_end: endpoints of the linear schedule.
+        prediction: what the network predicts: ``eps`` (the noise, DDPM), ``x0`` (the clean image) or ``v``
+            (Salimans & Ho 2022); samplers get the noise through exact conversions, whichever it is.
+        loss_weighting: ``uniform`` (the MSE of the prediction) or ``min_snr`` (Hang et al. 2023: the loss
+            weighted to min(SNR, gamma) x the x0-MSE, which stops low-noise steps dominating).
+        min_snr_gamma: gamma of ``min_snr`` (5 in the paper).
+        timestep_bucket_weights: optional loss weights for equal-width buckets of t (the first for the lowest
+            t); e.g. ``[2, 1, 1, 1, 1, 1, 1, 1, 1, 1]`` doubles the weight of t < T/10.
+        label_dropout: with a class-conditional net, the probability that a training label is replaced by
+            the null label, so that one network learns both the conditional and the unconditional model.
         lr, weight_decay, betas: AdamW's.
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
         lr_scaling: ``none`` keeps ``lr`` whatever the global batch; ``linear`` or ``sqrt`` scale it by
             (global batch / ``lr_reference_batch``) or its square root, global batch = batch_size x devices x
             nodes x accumulate_grad_batches.
         sample_sampler, sample_steps, sample_eta, clip_x0: defaults for :meth:`sample` (and ``predict``).
+        sample_guidance: default guidance scale w for :meth:`sample` (0: the plain conditional model).
+        compile: ``torch.compile`` the network in place for training (checkpoint keys unchanged); None: on
+            when training on a GPU.
+        channels_last: keep weights and activations in channels-last memory format (faster convolutions on
+            tensor cores); None: on on a GPU.
+        fused_optimizer: AdamW's fused CUDA kernel (one launch for all parameters); None: on on a GPU.
+        compile_sampling: run sampling's network calls through ``torch.compile(mode="reduce-overhead")``
+            (CUDA graphs: no per-step Python or launch overhead); None: on on a GPU.
     """
 
     def __init__(
@@ -46,6 +67,11 @@ class DiffusionModel(LightningModule):
         num_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
+        prediction: str = "eps",
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        timestep_bucket_weights: Optional[list[float]] = None,
+        label_dropout: float = 0.1,
         lr: float = 2e-4,
         weight_decay: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -55,7 +81,12 @@ class DiffusionModel(LightningModule):
         sample_sampler: str = "ddim",
         sample_steps: int = 50,
         sample_eta: float = 0.0,
+        sample_guidance: float = 0.0,
         clip_x0: bool = True,
+        compile: Optional[bool] = None,
+        channels_last: Optional[bool] = None,
+        fused_optimizer: Optional[bool] = None,
+        compile_sampling: Optional[bool] = None,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -64,31 +95,124 @@ class DiffusionModel(LightningModule):
             raise ConfigError(f"lr_scaling must be 'none', 'linear' or 'sqrt', got {lr_scaling!r}.")
         if warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+        check_prediction(prediction)
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_weighting!r}.")
+        if min_snr_gamma <= 0:
+            raise ConfigError(f"min_snr_gamma must be positive, got {min_snr_gamma} (the paper uses 5).")
+        if timestep_bucket_weights is not None and (
+            not timestep_bucket_weights or any(w < 0 for w in timestep_bucket_weights) or not any(timestep_bucket_weights)
+        ):
+            raise ConfigError(
+                f"timestep_bucket_weights must be a non-empty list of non-negative numbers, not all 0; got "
+                f"{timestep_bucket_weights}."
+            )
+        if not 0 <= label_dropout < 1:
+            raise ConfigError(f"label_dropout must be in [0, 1), got {label_dropout} (0.1 is the usual choice).")
         get_sampler(sample_sampler)
         # Under LightningCLI the hparams are the parsed config, where `net` is its class_path/init_args: keep it,
         # so a checkpoint alone rebuilds the model. A network object passed from Python is not a hyperparameter.
         self.save_hyperparameters(ignore=None if _given_hyperparameters.get() is not None else ["net"])
         self.net = net if net is not None else UNet()
         self.schedule = NoiseSchedule(schedule, num_timesteps, beta_start, beta_end)
+        if timestep_bucket_weights is not None:
+            self.register_buffer("bucket_weights", torch.tensor(timestep_bucket_weights, dtype=torch.float32), persistent=False)
+        else:
+            self.bucket_weights = None
+        self._channels_last = False
+        # Compiled sampling network, outside the module tree so that state_dict keys never change.
+        self.__dict__["_sampling_net"] = None
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.net, "num_classes", 0))
+
+    # --- speed switches --------------------------------------------------------------------------------
+    def switch_on(self, name: str, device: Optional[torch.device] = None) -> bool:
+        """A speed switch's value: as configured, or (None) on when running on a GPU."""
+        value = self.hparams.get(name)
+        device = device if device is not None else self.device
+        return bool(value) if value is not None else device.type == "cuda"
+
+    def apply_memory_format(self, device: Optional[torch.device] = None) -> None:
+        if self.switch_on("channels_last", device) and not self._channels_last:
+            self.net.to(memory_format=torch.channels_last)
+            self._channels_last = True
 
     # --- training ----------------------------------------------------------------------------------
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """Predicted noise."""
-        return self.net(x_t, t)
+    def forward(self, x_t: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """The network's raw output (noise, x0 or v, per ``prediction``)."""
+        if self._channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        return self.net(x_t, t) if y is None else self.net(x_t, t, y)
 
-    def loss(self, x0: Tensor, t: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> Tensor:
-        """Per-image MSE between the true and the predicted noise (L_simple)."""
+    def loss_weights(self, t: Tensor) -> Tensor:
+        """Per-image loss weight at timesteps ``t``: the min-SNR factor times the bucket weight."""
+        weights = torch.ones(t.shape, device=t.device)
+        if self.hparams.loss_weighting == "min_snr":
+            snr = self.schedule.snr_at(t)
+            clipped = snr.clamp(max=self.hparams.min_snr_gamma)
+            # Each prediction's MSE is a multiple of the x0-MSE (eps: 1/snr, v: 1/(snr+1), x0: 1); these weights
+            # make every one equal min(snr, gamma) x the x0-MSE.
+            prediction = self.hparams.prediction
+            weights = clipped / snr if prediction == "eps" else clipped / (snr + 1) if prediction == "v" else clipped
+        if self.bucket_weights is not None:
+            k = len(self.bucket_weights)
+            bucket = torch.div(t * k, self.schedule.num_timesteps, rounding_mode="floor").clamp(0, k - 1)
+            weights = weights * self.bucket_weights[bucket]
+        return weights
+
+    def loss(
+        self, x0: Tensor, t: Optional[Tensor] = None, noise: Optional[Tensor] = None, y: Optional[Tensor] = None
+    ) -> Tensor:
+        """Per-image weighted MSE between the network's output and its target (L_simple for ``eps``)."""
         if t is None:
             t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.schedule.q_sample(x0, t, noise)
-        pred = self(x_t, t)
-        return F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+        pred = self(x_t, t, y)
+        target = self.schedule.target(self.hparams.prediction, x0.float(), t, noise.float())
+        per_image = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        if self.hparams.loss_weighting == "uniform" and self.bucket_weights is None:
+            return per_image
+        return per_image * self.loss_weights(t)
+
+    def drop_labels(self, y: Tensor) -> Tensor:
+        """Labels with a share ``label_dropout`` replaced by the null label (classifier-free guidance)."""
+        drop = torch.rand(y.shape, device=y.device) < self.hparams.label_dropout
+        return torch.where(drop, torch.full_like(y, self.net.null_label), y)
+
+    def _batch(self, batch) -> tuple[Tensor, Optional[Tensor]]:
+        """Images and, for a class-conditional net, their labels."""
+        if isinstance(batch, (list, tuple)):
+            x0, y = batch[0], (batch[1] if len(batch) > 1 else None)
+        else:
+            x0, y = batch, None
+        if not self.num_classes:
+            return x0, None
+        if y is None:
+            raise ConfigError("This model is class-conditional (num_classes > 0) but the data has no labels.")
+        return x0, y
 
     @staticmethod
     def _images(batch) -> Tensor:
         return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+    def setup(self, stage: str) -> None:
+        # Here rather than in configure_model (which WeightAveraging would call once more, before its copy) and
+        # before the strategy wraps the module (DDP's gradient buckets follow the parameters' memory format).
+        device = self.trainer.strategy.root_device
+        self.apply_memory_format(device)
+        if stage == "fit" and self.switch_on("compile", device) and not getattr(self.net, "_compiled_call_impl", None):
+            # In place: the parameters keep their names, so checkpoints load with or without compile.
+            self.net.compile()
+        classes = getattr(getattr(self._trainer, "datamodule", None), "classes", None)
+        if self.num_classes and classes and len(classes) > self.num_classes:
+            raise ConfigError(
+                f"The data has {len(classes)} classes but the U-Net was built for num_classes={self.num_classes}: "
+                f"set --model.init_args.net.init_args.num_classes {len(classes)}."
+            )
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # The step's randomness (t, noise, dropout) is a function of (seed, step, rank), not of the RNG's
@@ -97,9 +221,11 @@ class DiffusionModel(LightningModule):
         torch.manual_seed(derive_seed(seed, self.global_step, self.global_rank))
 
     def training_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
-        x0 = self._images(batch)
+        x0, y = self._batch(batch)
+        if y is not None and self.hparams.label_dropout:
+            y = self.drop_labels(y)
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
-        per_image = self.loss(x0, t)
+        per_image = self.loss(x0, t, y=y)
         loss = per_image.mean()
         if not torch.isfinite(loss):
             # Raised before backward, so neither the weights, the EMA nor any checkpoint sees the bad step.
@@ -113,10 +239,12 @@ class DiffusionModel(LightningModule):
         return {"loss": loss, "per_image_loss": per_image.detach(), "t": t}
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self.log("val/loss", self.loss(self._images(batch)).mean(), prog_bar=True, sync_dist=True)
+        x0, y = self._batch(batch)
+        self.log("val/loss", self.loss(x0, y=y).mean(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self.log("test/loss", self.loss(self._images(batch)).mean(), sync_dist=True)
+        x0, y = self._batch(batch)
+        self.log("test/loss", self.loss(x0, y=y).mean(), sync_dist=True)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -127,7 +255,9 @@ class DiffusionModel(LightningModule):
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=self.scaled_lr(), betas=tuple(self.hparams.betas))
+        # One kernel for all parameters instead of a loop over them (CUDA; CPU too where asked explicitly).
+        fused = self.switch_on("fused_optimizer")
+        optimizer = torch.optim.AdamW(groups, lr=self.scaled_lr(), betas=tuple(self.hparams.betas), fused=fused or None)
         if not self.hparams.warmup_steps:
             return optimizer
         warmup = self.hparams.warmup_steps
@@ -174,6 +304,8 @@ class DiffusionModel(LightningModule):
         eta: Optional[float] = None,
         x_T: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        labels: Optional[Tensor | int] = None,
+        guidance: Optional[float] = None,
         **options,
     ) -> Tensor:
         """Images in [-1, 1] from the weights the module holds (the EMA weights wherever the ``EMA`` callback
@@ -181,6 +313,8 @@ class DiffusionModel(LightningModule):
 
         ``seed`` seeds a CPU ``torch.Generator`` for x_T and all noise along the way, so a seed gives the same
         images on any device. ``steps`` defaults to all T for ``ddpm`` and to ``sample_steps`` otherwise.
+        ``labels`` (a class-conditional model only): one label, or one per image; default: the classes in turn.
+        ``guidance``: the classifier-free guidance scale w (default ``sample_guidance``).
         """
         sampler = sampler or self.hparams.sample_sampler
         fn = get_sampler(sampler)
@@ -189,7 +323,8 @@ class DiffusionModel(LightningModule):
             timesteps = make_timesteps(T, steps or T)
         else:
             timesteps = make_timesteps(T, steps or self.hparams.sample_steps)
-            options.setdefault("eta", self.hparams.sample_eta if eta is None else eta)
+            if sampler == "ddim":
+                options.setdefault("eta", self.hparams.sample_eta if eta is None else eta)
         options.setdefault("clip_x0", self.hparams.clip_x0)
         if generator is None:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -197,15 +332,73 @@ class DiffusionModel(LightningModule):
             shape = (num_samples, self.net.in_channels, self.net.image_size, self.net.image_size)
             x_T = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
         x_T = x_T.to(self.device)
+        denoiser = self.denoiser(self.sample_labels(x_T.shape[0], labels), guidance)
         was_training = self.training
         self.eval()
         try:
-            return fn(self._denoiser, self.schedule, x_T, timesteps, generator, **options).clamp(-1, 1)
+            return fn(denoiser, self.schedule, x_T, timesteps, generator, **options).clamp(-1, 1)
         finally:
             self.train(was_training)
 
-    def _denoiser(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.net(x_t.to(self._net_dtype()), t)
+    def sample_labels(self, num_samples: int, labels: Optional[Tensor | int] = None) -> Optional[Tensor]:
+        """Checked labels on the module's device: ``labels`` as given, or the classes in turn."""
+        if not self.num_classes:
+            if labels is not None:
+                raise ConfigError("Class labels were given, but this model is unconditional (num_classes is 0).")
+            return None
+        if labels is None:
+            labels = torch.arange(num_samples) % self.num_classes
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten().cpu()
+        if labels.numel() == 1:
+            labels = labels.expand(num_samples)
+        if labels.numel() != num_samples:
+            raise ConfigError(f"Got {labels.numel()} class labels for {num_samples} samples: give one, or one per sample.")
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ConfigError(
+                f"Class labels must lie in [0, {self.num_classes - 1}] for this model, got {labels.min()}..{labels.max()}."
+            )
+        return labels.to(self.device)
+
+    def denoiser(self, labels: Optional[Tensor] = None, guidance: Optional[float] = None):
+        """``denoiser(x_t, t) -> eps`` for the samplers: the network in its dtype and memory format, its output
+        converted to noise, and with labels, classifier-free guidance eps_u + (1 + w)(eps_c - eps_u)... written
+        as (1 + w) out_c - w out_u; conditional and unconditional halves go through the network as one batch.
+        Guidance is linear in the output, and each parameterisation is affine in it, so guiding the raw output
+        equals guiding the noise."""
+        w = float(self.hparams.sample_guidance if guidance is None else guidance)
+        if w and labels is None:
+            raise ConfigError(f"Guidance scale {w} needs a class-conditional model and class labels.")
+        net = self.sampling_net()
+        dtype = self._net_dtype()
+        prediction = self.hparams.prediction
+
+        def call(x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
+            if self._channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if net is not self.net:
+                torch.compiler.cudagraph_mark_step_begin()
+                # CUDA graphs reuse their output buffers on the next call: keep a copy.
+                return (net(x, t) if y is None else net(x, t, y)).clone()
+            return net(x, t) if y is None else net(x, t, y)
+
+        def eps(x_t: Tensor, t: Tensor) -> Tensor:
+            x = x_t.to(dtype)
+            if not w:
+                out = call(x, t, labels)
+            else:
+                null = torch.full_like(labels, self.net.null_label)
+                cond, uncond = call(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
+                out = cond + w * (cond - uncond)
+            return self.schedule.eps_from_output(prediction, x_t, t, out.float())
+
+        return eps
+
+    def sampling_net(self) -> nn.Module:
+        if not self.switch_on("compile_sampling"):
+            return self.net
+        if self.__dict__.get("_sampling_net") is None:
+            self.__dict__["_sampling_net"] = torch.compile(self.net, mode="reduce-overhead")
+        return self.__dict__["_sampling_net"]
 
     def _net_dtype(self) -> torch.dtype:
         # Under autocast the fp32 input is cast per op; outside it, feed the net its own dtype (bf16-true).
@@ -213,9 +406,20 @@ class DiffusionModel(LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
         """One image per index in the batch (see ``DiffusionDataModule.predict_dataloader``), seeded by the
-        batch's first index: reproducible, and distinct across batches and ranks."""
+        batch's first index: reproducible, and distinct across batches and ranks. A class-conditional model
+        draws the classes in turn by index."""
         indices = self._images(batch)
-        return self.sample(indices.shape[0], seed=int(indices[0]))
+        labels = indices.cpu() % self.num_classes if self.num_classes else None
+        return self.sample(indices.shape[0], seed=int(indices[0]), labels=labels)
+
+    def __deepcopy__(self, memo):
+        # The EMA copy must not share (or try to copy) a compiled sampling network.
+        cls = self.__class__
+        clone = cls.__new__(cls)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = None if key == "_sampling_net" else copy.deepcopy(value, memo)
+        return clone
 
 
 def state_dict_mismatch(own: dict, state: dict) -> str:

@@ -1,5 +1,5 @@
 """U-Net noise predictor (the DDPM architecture of Ho et al. 2020). It knows nothing of diffusion: it maps
-(x, t) to a tensor of x's shape, with t an integer timestep per image."""
+(x, t, y) to a tensor of x's shape, with t an integer timestep per image and y an optional class label."""
 
 from __future__ import annotations
 
@@ -106,6 +106,9 @@ class UNet(nn.Module):
         num_heads: attention heads.
         dropout: dropout inside the residual blocks.
         time_embed_dim: size of the sinusoidal timestep embedding (an MLP maps it to 4 x base_channels).
+        num_classes: 0 for an unconditional net; otherwise a learnt embedding per class is added to the
+            timestep embedding, plus one more for "no label" (index ``num_classes``, the null label of
+            classifier-free guidance), used wherever ``y`` is None.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class UNet(nn.Module):
         num_heads: int = 4,
         dropout: float = 0.0,
         time_embed_dim: int = 128,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         channel_mults = list(channel_mults)
@@ -127,6 +131,9 @@ class UNet(nn.Module):
         self.in_channels = in_channels
         self.image_size = image_size
         self.time_embed_dim = time_embed_dim
+        if num_classes < 0:
+            raise ConfigError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}.")
+        self.num_classes = num_classes
 
         resolutions = [image_size]
         for _ in channel_mults[1:]:
@@ -146,6 +153,11 @@ class UNet(nn.Module):
 
         emb_dim = 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(time_embed_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # Zero-initialised, so a conditional net starts as the unconditional one and learns what labels add.
+        self.label_emb: nn.Embedding | None = None
+        if num_classes:
+            self.label_emb = nn.Embedding(num_classes + 1, emb_dim)
+            nn.init.zeros_(self.label_emb.weight)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def level(in_ch: int, out_ch: int, n: int, res: int, skip_chs: list[int] | None) -> Level:
@@ -187,6 +199,15 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(GROUPS, ch)
         self.conv_out = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
 
+    def _labels(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        if y is None:
+            return torch.full((batch,), self.null_label, device=device, dtype=torch.long)
+        if y.shape != (batch,):
+            raise ConfigError(f"y must hold one class label per image, shape [{batch}], got {list(y.shape)}.")
+        # Their range is checked where labels enter (data setup, `sample`), not here: that would cost a host
+        # sync at every network call.
+        return y.long()
+
     @staticmethod
     def _validate(in_channels, image_size, base_channels, channel_mults, num_res_blocks, num_heads, dropout):
         if in_channels < 1 or image_size < 1:
@@ -205,7 +226,11 @@ class UNet(nn.Module):
         if not 0 <= dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {dropout}.")
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         if x.ndim != 4 or x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
             raise ConfigError(
                 f"This U-Net was built for images of shape [B, {self.in_channels}, {self.image_size}, "
@@ -214,6 +239,10 @@ class UNet(nn.Module):
         if t.shape != (x.shape[0],):
             raise ConfigError(f"t must hold one timestep per image, shape [{x.shape[0]}], got {list(t.shape)}.")
         emb = self.time_mlp(timestep_embedding(t, self.time_embed_dim).to(x.dtype))
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(self._labels(y, x.shape[0], x.device)).to(emb.dtype)
+        elif y is not None:
+            raise ConfigError("Class labels were given to an unconditional U-Net: set num_classes to train with labels.")
 
         h = self.conv_in(x)
         skips = [h]

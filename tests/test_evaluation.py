@@ -73,10 +73,10 @@ def test_fid_of_a_set_against_itself_is_zero_and_against_noise_large(tmp_path, m
     same = ev.fid_of_dataset(metric, Subset(train, ev.reference_indices(len(train), 500)), None, 128, CPU)
     assert abs(same) < 1e-6
 
-    noise = lambda x_T, generator: x_T.clamp(-1, 1)
+    noise = lambda x_T, generator, indices: x_T.clamp(-1, 1)
     fid, seconds, kept = ev.fid_of_samples(metric, noise, 200, (1, 28, 28), seed=0, batch_size=64, device=CPU, keep=5)
     assert fid > 1.0 and seconds >= 0 and kept.shape == (5, 1, 28, 28)
-    real_like = lambda x_T, generator: torch.stack([train[i][0] for i in range(1000, 1000 + len(x_T))])
+    real_like = lambda x_T, generator, indices: torch.stack([train[i][0] for i in range(1000, 1000 + len(x_T))])
     fid_real, _, _ = ev.fid_of_samples(metric, real_like, 200, (1, 28, 28), seed=0, batch_size=64, device=CPU)
     assert fid_real < 0.1 * fid
 
@@ -137,7 +137,7 @@ def test_real_inception_weights_give_zero_for_a_set_against_itself(tmp_path, mni
     ev.ensure_real_stats(metric, reference, {"dataset": "mnist48"}, tmp_path, None, 48, CPU)
     assert ev.fid_of_dataset(metric, reference, None, 48, CPU) == pytest.approx(0.0, abs=0.5)
     digits = ev.fid_of_dataset(metric, Subset(test, range(48)), None, 48, CPU)
-    noise = lambda x_T, generator: x_T.clamp(-1, 1)
+    noise = lambda x_T, generator, indices: x_T.clamp(-1, 1)
     fid_noise, _, _ = ev.fid_of_samples(metric, noise, 48, (1, 28, 28), seed=0, batch_size=48, device=CPU)
     assert fid_noise > 200 and fid_noise > 3 * digits, (fid_noise, digits)
 

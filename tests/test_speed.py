@@ -1,0 +1,87 @@
+"""The speed switches (compile, channels_last, fused AdamW, compiled sampling) change speed, never results.
+
+On this CPU, torch.compile runs with the "eager" backend: the graph capture and the in-place wiring are what is
+tested here; inductor's code generation would take minutes on 2 cores and belongs to the GPU benchmarks.
+"""
+
+import functools
+
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+from torch.utils.data import DataLoader, TensorDataset
+
+from diffusion.cli import load_weights, on_gpu
+from diffusion.ema import EMA
+from diffusion.module import DiffusionModel
+from diffusion.unet import UNet
+from test_training import trainer
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def tiny(num_classes=0, **kwargs) -> DiffusionModel:
+    torch.manual_seed(0)
+    net = UNet(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(14,), num_heads=2,
+               num_classes=num_classes)
+    return DiffusionModel(net, **{"lr": 1e-3, **kwargs})
+
+
+def data(n=32):
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.rand(n, 1, 28, 28, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g)),
+                      batch_size=8)
+
+
+def test_switches_default_to_on_only_on_a_gpu():
+    model = tiny()
+    for name in ("compile", "channels_last", "fused_optimizer", "compile_sampling"):
+        assert model.switch_on(name, torch.device("cuda")) and not model.switch_on(name, torch.device("cpu"))
+        assert not tiny(**{name: False}).switch_on(name, torch.device("cuda"))
+        assert tiny(**{name: True}).switch_on(name, torch.device("cpu"))
+    assert not on_gpu("cpu") and (on_gpu("auto") == torch.cuda.is_available())
+
+
+def test_compiled_channels_last_fused_training_matches_the_plain_one_and_keeps_checkpoint_keys(tmp_path, eager_compile):
+    results = {}
+    for fast in (False, True):
+        seed_everything(0)
+        model = tiny(compile=fast, channels_last=fast, fused_optimizer=fast)
+        keys = list(model.state_dict())
+        t = trainer(tmp_path / str(fast), 4, callbacks=[EMA(decay=0.9)])
+        t.fit(model, data())
+        assert list(model.state_dict()) == keys  # compiled in place: no "_orig_mod." prefixes
+        assert (getattr(model.net, "_compiled_call_impl", None) is not None) == fast
+        conv = model.net.down[0].blocks[0].conv1.weight  # C > 1: layouts differ
+        assert conv.is_contiguous(memory_format=torch.channels_last) == fast and conv.is_contiguous() != fast
+        ema = t.callbacks[0].average_model.net.down[0].blocks[0].conv1.weight
+        assert ema.is_contiguous(memory_format=torch.channels_last) == fast
+        assert bool(t.optimizers[0].defaults.get("fused")) == fast
+        t.save_checkpoint(tmp_path / f"{fast}.ckpt")
+        results[fast] = {k: v.clone() for k, v in model.state_dict().items()}
+    for k, v in results[False].items():
+        assert torch.allclose(v, results[True][k], atol=1e-5), k
+    plain = tiny()
+    load_weights(plain, tmp_path / "True.ckpt")  # a compiled run's checkpoint loads into a plain model
+
+
+def test_compiled_sampling_gives_the_same_images(eager_compile):
+    model = tiny(num_classes=10, compile_sampling=False).eval()
+    fast = tiny(num_classes=10, compile_sampling=True, channels_last=True).eval()
+    fast.load_state_dict(model.state_dict())
+    fast.apply_memory_format(torch.device("cpu"))
+    for sampler, steps in (("ddim", 4), ("dpmpp2m", 4), ("ddpm", 1000)):
+        if sampler == "ddpm":
+            steps = None
+        kwargs = dict(sampler=sampler, steps=steps, seed=3, labels=torch.tensor([1, 2, 3]), guidance=1.5)
+        if sampler == "ddpm":
+            continue  # 1,000 steps: too slow for a unit test; the same network call as the others
+        a, b = model.sample(3, **kwargs), fast.sample(3, **kwargs)
+        assert torch.allclose(a, b, atol=1e-5), (sampler, (a - b).abs().max())
+    assert fast.__dict__["_sampling_net"] is not None and "_sampling_net" not in dict(fast.named_modules())
