@@ -264,6 +264,20 @@ class DiffusionModel(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Warmup(warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's AMP plugin refuses to clip for any optimizer that could unscale inside step() (fused AdamW),
+        # even under bf16-mixed, which has no GradScaler and so nothing to unscale: clip directly there. With a
+        # scaler (16-mixed) the gradients are still scaled at this point, so Lightning's refusal stands.
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and getattr(plugin, "scaler", None) is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm in (None, "norm"):
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def scaled_lr(self) -> float:
         lr, how = self.hparams.lr, self.hparams.lr_scaling
         trainer = self._trainer
