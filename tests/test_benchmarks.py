@@ -1,0 +1,103 @@
+"""benchmarks/throughput.py: a --quick CPU run of configs/mnist.yaml prints one JSON record per line, every figure
+measured (positive and finite), and a bad option ends with a readable error.
+
+The run uses a tiny feature extractor for FID (Inception's 2048x2048 matrix square root alone takes 30 s on a shared
+2-core CPU) and one thread (two threads on two busy cores are several times slower than one).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONFIGS, ROOT
+
+SCRIPT = ROOT / "benchmarks" / "throughput.py"
+
+
+def bench(*args, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from conftest import shared_data_dir
+
+    data = shared_data_dir()
+    if data is None:
+        pytest.skip("MNIST not found: set DIFFUSION_DATA_DIR or put the files under ../shared/data/MNIST/raw")
+    out = tmp_path_factory.mktemp("bench") / "bench.jsonl"
+    proc = bench("--config", CONFIGS / "mnist.yaml", "--device", "cpu", "--quick", "--json", "--threads", 1,
+                 "--out", out, "--", "--data.init_args.data_dir", data, "--fid.feature_extractor", "fid_helpers.TinyFeatures")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    lines = proc.stdout.strip().splitlines()
+    return [json.loads(line) for line in lines], lines, out  # every line of stdout is a JSON object
+
+
+def test_quick_cpu_run_reports_every_kind_with_measured_figures(quick_run):
+    records, lines, out = quick_run
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "env" and {"train", "sample", "eval"} <= set(kinds), kinds
+    assert out.read_text().splitlines() == lines  # --out holds the same records
+    for r in records:
+        assert r["device"] == "cpu" and r["precision"] == "32-true"
+
+    env = records[0]
+    assert env["torch"] and env["lightning"] and env["device_name"] and env["quick"] is True
+    assert env["switches"] == {"compile": False, "channels_last": False, "fused_optimizer": False, "compile_sampling": False}
+    assert positive(env["parameters"]) and env["num_timesteps"] == 20
+
+    (train,) = [r for r in records if r["kind"] == "train"]
+    assert train["batch_size"] == 8 and train["timed_steps"] == 3 and train["warmup_steps"] == 2 and train["ema"]
+    for key in ("lightning_images_per_s", "bare_images_per_s", "lightning_steps_per_s", "bare_steps_per_s",
+                "lightning_model_tflops", "bare_model_tflops", "flops_per_image", "lightning_peak_memory_mib"):
+        assert positive(train[key]), (key, train[key])
+    ratio = train["bare_images_per_s"] / train["lightning_images_per_s"] - 1
+    assert math.isclose(train["lightning_overhead"], ratio, rel_tol=1e-9, abs_tol=1e-12)
+
+    samples = {r["spec"]: r for r in records if r["kind"] == "sample"}
+    assert list(samples) == ["ddpm20", "ddim5", "ddim10"]
+    for r in samples.values():
+        assert r["network_calls"] == r["steps"] and r["batch_size"] == 8 and r["finite"]
+        for key in ("images_per_s", "model_tflops", "seconds", "flops_per_image"):
+            assert positive(r[key]), (r["spec"], key, r[key])
+    # FLOPs per image = forward FLOPs x network calls.
+    assert math.isclose(samples["ddpm20"]["flops_per_image"], 4 * samples["ddim5"]["flops_per_image"])
+
+    (ev,) = [r for r in records if r["kind"] == "eval"]
+    assert not ev.get("skipped"), ev
+    assert ev["epoch_end_num_samples"] == 16 and ev["test_num_samples"] == 16 and ev["num_real"] == 32
+    assert ev["epoch_end_samplers"] == ["ddpm20", "ddim5"] == ev["test_samplers"]
+    for key in ("epoch_end_seconds", "test_seconds", "real_stats_seconds"):
+        assert positive(ev[key]), (key, ev[key])
+    assert all(positive(s) for s in [*ev["epoch_end_sampling_seconds"].values(), *ev["test_sampling_seconds"].values()])
+
+
+def test_records_have_a_readable_form(quick_run):
+    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    for record in quick_run[0]:
+        line = throughput.readable(dict(record))
+        assert line.startswith(record["kind"]) and "\n" not in line
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--only", "nonsense"], ["--only", "'nonsense'", "train, sample, eval"]),
+    (["--steps", "0"], ["--steps", "at least 1"]),
+])
+def test_a_bad_option_exits_with_a_readable_error(args, words):
+    proc = bench(*args, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "Traceback" not in proc.stderr and all(w in proc.stderr for w in words), proc.stderr
