@@ -1,13 +1,18 @@
 """The device-resident training data path: same batches as the DataLoader path, seeded flips, exact resume."""
 
-import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+from conftest import CONFIGS
 from diffusion.data import DeviceBatches, DiffusionDataModule
 from diffusion.errors import ConfigError
-from test_faults import assert_same_training_state, config, final_state, fit  # noqa: F401 (fixture)
+from diffusion.module import DiffusionModel
+from diffusion.unet import UNet
 
 BATCH = 64
 
@@ -78,11 +83,79 @@ def test_default_is_on_only_on_a_gpu_and_a_folder_is_refused(mnist_dir, tmp_path
         DiffusionDataModule("folder", data_dir=str(tmp_path), device_resident=True)
 
 
-def test_killed_and_resumed_run_equals_an_uninterrupted_one(config, mnist_dir, tmp_path):  # noqa: F811
-    extra = ["--data.init_args.device_resident", "true", "--data.init_args.random_flip", "true"]
-    fit(config, tmp_path / "straight", mnist_dir, *extra)
-    killed = fit(config, tmp_path / "killed", mnist_dir, *extra, env={"KILL_AT_STEP": "25"}, check=False)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    (last,) = (tmp_path / "killed").rglob("checkpoints/last.ckpt")
-    fit(config, tmp_path / "killed", mnist_dir, *extra, "--ckpt_path", last)
-    assert_same_training_state(final_state(tmp_path / "killed"), final_state(tmp_path / "straight"))
+def test_each_rank_gets_its_own_share_in_the_dataloaders_order(plain_and_resident):
+    cpu = torch.device("cpu")
+    shares = []
+    try:
+        for rank in (0, 1):
+            loaders = []
+            for dm in plain_and_resident:
+                dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, global_step=0, accumulate_grad_batches=1,
+                                             strategy=SimpleNamespace(root_device=cpu))
+                loaders.append(dm.train_dataloader())
+            a, b = loaders
+            assert isinstance(b, DeviceBatches) and b.sampler.rank == rank and b.sampler.num_replicas == 2
+            assert len(a) == len(b) == 57_000 // 2 // BATCH
+            pairs = list(zip(batches(a, 0, 2), batches(b, 0, 2)))
+            assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in pairs)
+            shares.append(pairs[0][1][0])
+    finally:
+        for dm in plain_and_resident:
+            dm.trainer = None
+    assert not torch.equal(shares[0], shares[1])
+
+
+@pytest.mark.parametrize("name", ["mnist.yaml", "mnist_cfg.yaml"])
+def test_gpu_configs_leave_it_to_the_device(name):
+    args = yaml.safe_load((CONFIGS / name).read_text())["data"]["init_args"]
+    assert "device_resident" in args and args["device_resident"] is None
+    dm = DiffusionDataModule(**args)
+    assert dm.resident_on(torch.device("cuda")) and not dm.resident_on(torch.device("cpu"))
+
+
+class RecordBatches(Callback):
+    def __init__(self) -> None:
+        self.seen = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        assert isinstance(trainer.train_dataloader, DeviceBatches)
+        self.seen[trainer.global_step] = (batch[0].clone(), batch[1].clone())
+
+
+def short_fit(mnist_dir, root, max_steps, ckpt_path=None):
+    """A tiny U-Net on device-resident MNIST with flips, 4-step epochs, a checkpoint every 3 steps."""
+    seed_everything(0)
+    net = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=[], num_heads=1)
+    model = DiffusionModel(net, lr=1e-3)
+    dm = DiffusionDataModule("mnist", data_dir=str(mnist_dir), batch_size=16, num_workers=0, random_flip=True,
+                             device_resident=True)
+    record = RecordBatches()
+    ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1)
+    trainer = Trainer(accelerator="cpu", max_steps=max_steps, limit_train_batches=4, limit_val_batches=0, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                      callbacks=[record, ckpt])
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    assert trainer.global_step == max_steps
+    return record.seen, model
+
+
+@pytest.fixture
+def one_thread():
+    """A model this small runs fastest on one thread, and far slower on two when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resumed_mid_epoch_it_trains_on_the_same_batches_as_an_uninterrupted_run(mnist_dir, tmp_path, one_thread):
+    straight, straight_model = short_fit(mnist_dir, tmp_path / "straight", 10)  # epochs: steps 0-3, 4-7, 8-9
+    assert sorted(straight) == list(range(10))
+    assert not torch.equal(straight[0][0], straight[4][0])  # a new order each epoch
+    (mid,) = (tmp_path / "straight").glob("*step=6.ckpt")  # two batches into epoch 1
+    resumed, resumed_model = short_fit(mnist_dir, tmp_path / "resumed", 10, ckpt_path=mid)
+    assert sorted(resumed) == list(range(6, 10))
+    for step in resumed:
+        assert torch.equal(resumed[step][0], straight[step][0]) and torch.equal(resumed[step][1], straight[step][1])
+    for name, value in straight_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[name]), name
