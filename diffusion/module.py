@@ -428,11 +428,13 @@ class DiffusionModel(LightningModule):
 
     def __deepcopy__(self, memo):
         # The EMA copy must not share (or try to copy) a compiled sampling network.
+        # Start from LightningModule's pickling state, which leaves out the trainer (locks, process groups).
+        state = self.__getstate__()
+        state["_sampling_net"] = None
         cls = self.__class__
         clone = cls.__new__(cls)
         memo[id(self)] = clone
-        for key, value in self.__dict__.items():
-            clone.__dict__[key] = None if key == "_sampling_net" else copy.deepcopy(value, memo)
+        clone.__dict__.update(copy.deepcopy(state, memo))
         return clone
 
 

@@ -101,3 +101,16 @@ def test_fused_adamw_clips_gradients_under_bf16_mixed(tmp_path):
     trainer(tmp_path / "u", 3, precision="bf16-mixed").fit(unclipped, data())
     assert not torch.allclose(torch.cat([p.detach().flatten() for p in unclipped.parameters()]), weights[True], atol=1e-4)
     assert not torch.equal(weights[True], start)
+
+
+def test_the_ema_copy_leaves_the_trainer_and_the_compiled_sampler_behind(eager_compile):
+    import copy
+    import threading
+
+    model = tiny(compile_sampling=True)
+    model.sampling_net()
+    model._trainer = type("Trainer", (), {"lock": threading.Lock()})()  # as under DDP: not copyable
+    clone = copy.deepcopy(model)
+    assert clone._trainer is None and clone.__dict__["_sampling_net"] is None
+    assert model._trainer is not None and model.__dict__["_sampling_net"] is not None
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(model.parameters(), clone.parameters()))
