@@ -130,7 +130,7 @@ def _image_shape(module: LightningModule) -> tuple[int, int, int]:
 
 
 def _num_classes(module: LightningModule) -> int:
-    return int(getattr(module.net, "num_classes", 0))
+    return int(getattr(module, "num_classes", 0))
 
 
 def _sample_fn(module: LightningModule, trainer: Trainer, spec: ev.SamplerSpec, labels: Optional[Tensor] = None):

@@ -142,9 +142,13 @@ class DiffusionModel(LightningModule):
     # --- training ----------------------------------------------------------------------------------
     def forward(self, x_t: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
         """The network's raw output (noise, x0 or v, per ``prediction``)."""
+        return self._run(self.net, x_t, t, y)
+
+    def _run(self, net: nn.Module, x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
+        # Labels only when there are any: an unconditional net need not take a third argument.
         if self._channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        return self.net(x_t, t) if y is None else self.net(x_t, t, y)
+            x = x.contiguous(memory_format=torch.channels_last)
+        return net(x, t) if y is None else net(x, t, y)
 
     def loss_weights(self, t: Tensor) -> Tensor:
         """Per-image loss weight at timesteps ``t``: the min-SNR factor times the bucket weight."""
@@ -387,13 +391,11 @@ class DiffusionModel(LightningModule):
         prediction = self.hparams.prediction
 
         def call(x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
-            if self._channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if net is not self.net:
-                torch.compiler.cudagraph_mark_step_begin()
-                # CUDA graphs reuse their output buffers on the next call: keep a copy.
-                return (net(x, t) if y is None else net(x, t, y)).clone()
-            return net(x, t) if y is None else net(x, t, y)
+            if net is self.net:
+                return self._run(net, x, t, y)
+            torch.compiler.cudagraph_mark_step_begin()
+            # CUDA graphs reuse their output buffers on the next call: keep a copy.
+            return self._run(net, x, t, y).clone()
 
         def eps(x_t: Tensor, t: Tensor) -> Tensor:
             x = x_t.to(dtype)

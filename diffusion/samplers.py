@@ -104,7 +104,7 @@ def ddpm_sample(
         )
     x = x_T.float()
     for t in ts:
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        tt = _full(x, t)
         x0, _ = _predict_x0(denoiser, schedule, x, tt, clip_x0)
         mean, _, log_var = schedule.posterior_mean_variance(x0, x, tt)
         if t == 0:
@@ -137,7 +137,7 @@ def ddim_sample(
     x = x_T.float()
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        tt = _full(x, t)
         x0, eps = _predict_x0(denoiser, schedule, x, tt, clip_x0)
         a_t = schedule.alpha_bar_f64[t]
         a_prev = schedule.alpha_bar_f64[t_prev] if t_prev >= 0 else 1.0
