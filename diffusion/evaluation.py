@@ -153,6 +153,10 @@ def make_fid(feature_extractor: Optional[nn.Module] = None, weights_path: Option
                 f"Cannot load the FID Inception weights ({type(e).__name__}: {e}). Without internet, set "
                 f"weights_path or ${WEIGHTS_ENV} to a local pt_inception-2015-12-05-*.pth."
             ) from e
+    if feature_extractor is None:
+        # Channels-last weights make every convolution of Inception run in oneDNN's (CPU) or cuDNN's (GPU)
+        # preferred layout: 2.2x the images/s on 2 CPU cores, features equal to 1e-6 (benchmarks/README.md).
+        metric.inception.to(memory_format=torch.channels_last)
     # The metric (and Inception inside it) stays fp32 whatever the trainer's precision.
     return metric.float()
 
@@ -249,9 +253,18 @@ def feed_dataset(metric, dataset: Dataset, indices: Sequence[int], batch_size: i
         update_metric(metric, images.to(device), real=real)
 
 
+# Images per Inception call on a CPU: Inception upsamples every image to 299x299, and in chunks this small the
+# activations stay in cache (14.5 images/s on 2 cores at 8, 11.8 at 64, 6.6 at 64 without channels-last). On a
+# GPU the whole batch goes at once.
+CPU_FEATURE_CHUNK = 8
+
+
 def update_metric(metric, images: Tensor, real: bool) -> None:
+    images = to_fid_uint8(images)
+    chunks = images.split(CPU_FEATURE_CHUNK) if images.device.type == "cpu" else [images]
     with torch.autocast(images.device.type, enabled=False):
-        metric.update(to_fid_uint8(images), real=real)
+        for chunk in chunks:
+            metric.update(chunk, real=real)
 
 
 def reference_indices(n_available: int, num: Optional[int], seed: int = 0) -> list[int]:

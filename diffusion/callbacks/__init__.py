@@ -1,0 +1,27 @@
+"""Callbacks that answer, on the dashboard, how training goes and how good the samples are.
+
+- ``FIDEvaluation``: FID of several samplers (DDPM-1000 vs DDIM-10/25/50) at validation epoch ends, and the
+  final table with the data's own floor in ``test``;
+- ``SampleGrids``: the same noise through every sampler, side by side, plus a forward-process strip;
+- ``TimestepDiagnostics``: training loss and gradient norm per timestep bucket, total gradient norm;
+- ``Throughput``: images per second, step time, peak GPU memory.
+
+One file per callback, as Lightning lays out its own; ``common`` holds what they share. Each works on DDP:
+the work is split across ranks, every collective is called by every rank, and only rank 0 writes files (the
+loggers' ``log_*`` methods are rank-zero only already). Samples come from the EMA weights:
+the ``EMA`` callback's average during ``fit``, the module itself elsewhere (a checkpoint's ``state_dict``
+holds the EMA weights), so the result does not depend on the order in which callbacks run.
+"""
+
+from diffusion.callbacks.common import (
+    DEFAULT_SAMPLERS, labelled_rows, log_image, log_line_chart, log_metrics, log_step, run_dir, sampling_module, to_pil,
+)
+from diffusion.callbacks.diagnostics import TimestepDiagnostics
+from diffusion.callbacks.fid import FIDEvaluation, format_table
+from diffusion.callbacks.sample_grids import SampleGrids
+from diffusion.callbacks.throughput import Throughput
+
+__all__ = [
+    "DEFAULT_SAMPLERS", "FIDEvaluation", "SampleGrids", "Throughput", "TimestepDiagnostics", "format_table",
+    "labelled_rows", "log_image", "log_line_chart", "log_metrics", "log_step", "run_dir", "sampling_module", "to_pil",
+]

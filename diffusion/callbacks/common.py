@@ -1,0 +1,167 @@
+"""What the callbacks share: where the EMA weights are, where a run writes, logging straight to the loggers
+(images, charts, metrics between Lightning's logging steps), sample grids as pictures, and when to evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from diffusion import evaluation as ev
+from diffusion.ema import EMA
+from diffusion.errors import ConfigError
+
+DEFAULT_SAMPLERS = ("ddpm1000", "ddim10", "ddim25", "ddim50")
+
+
+def sampling_module(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
+    """The module holding the EMA weights right now."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, EMA):
+            return cb.ema_holder(pl_module)
+    return pl_module
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """The run's own folder: where its checkpoints go (``<root>/<project>/<run id>`` for W&B)."""
+    cb = trainer.checkpoint_callback
+    if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+        return Path(cb.dirpath).parent
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def log_step(trainer: Trainer) -> int:
+    """The step ``self.log`` would log at now, so that direct logs share its x-axis (during a training batch
+    Lightning logs at global_step - 1: its counter moves after the batch's hooks)."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
+def log_metrics(trainer: Trainer, metrics: dict[str, Any]) -> None:
+    """Straight to the loggers (``self.log`` would drop values between its logging steps)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=log_step(trainer))
+
+
+def log_image(trainer: Trainer, key: str, image: Image.Image, caption: str) -> None:
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key, [image], step=log_step(trainer), caption=[caption])
+        elif isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+            array = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+            logger.experiment.add_image(key, array, global_step=log_step(trainer))
+
+
+def log_line_chart(trainer: Trainer, key: str, title: str, xname: str, series: dict[str, tuple[list, list]]) -> None:
+    """A W&B line chart (one line per series of (xs, ys)); other loggers have the underlying scalars."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            names = list(series)
+            chart = wandb.plot.line_series(
+                xs=[list(map(float, series[n][0])) for n in names],
+                ys=[list(map(float, series[n][1])) for n in names],
+                keys=names,
+                title=title,
+                xname=xname,
+            )
+            logger.log_metrics({key: chart}, step=log_step(trainer))
+
+
+def to_pil(images: Tensor, nrow: int) -> Image.Image:
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.float().add(1).div(2).clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
+    array = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array if array.shape[2] == 3 else array[..., 0])
+
+
+def labelled_rows(rows: Sequence[Tensor], labels: Sequence[str], scale: int = 2) -> Image.Image:
+    """One row of images per label, the label written to its left."""
+    pictures = [to_pil(r, nrow=len(r)).convert("RGB") for r in rows]
+    pictures = [p.resize((p.width * scale, p.height * scale), Image.NEAREST) for p in pictures]
+    label_width = 8 + 7 * max(len(label) for label in labels)
+    width = label_width + max(p.width for p in pictures)
+    canvas = Image.new("RGB", (width, sum(p.height for p in pictures)), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for picture, label in zip(pictures, labels):
+        canvas.paste(picture, (label_width, y))
+        draw.text((4, y + picture.height // 2 - 6), label, fill="black")
+        y += picture.height
+    return canvas
+
+
+def module_class_names(trainer: Optional[Trainer], num_classes: int) -> list[str]:
+    """The data's class names where it has them (CIFAR-10's), else the class indices."""
+    classes = list(getattr(getattr(trainer, "datamodule", None), "classes", None) or [])
+    return [str(c) for c in classes[:num_classes]] if len(classes) >= num_classes else [str(c) for c in range(num_classes)]
+
+
+def image_shape(module: LightningModule) -> tuple[int, int, int]:
+    net = module.net
+    return (net.in_channels, net.image_size, net.image_size)
+
+
+def num_classes_of(module: LightningModule) -> int:
+    return int(getattr(module, "num_classes", 0))
+
+
+def sample_fn(module: LightningModule, trainer: Trainer, spec: ev.SamplerSpec, labels: Optional[Tensor] = None):
+    """``run(x_T, generator, indices)``: samples through ``spec``; a class-conditional model gets ``labels``, or
+    class i mod K for sample i."""
+
+    def run(x_T: Tensor, generator: torch.Generator, indices: Optional[range] = None) -> Tensor:
+        y = labels
+        if y is None and num_classes_of(module):
+            y = ev.class_labels(indices if indices is not None else range(x_T.shape[0]), num_classes_of(module))
+        with trainer.precision_plugin.forward_context():
+            return module.sample(x_T.shape[0], sampler=spec.name, steps=spec.steps, x_T=x_T, generator=generator,
+                                 labels=y, guidance=spec.guidance)
+
+    return run
+
+
+def check_guidance(specs: Sequence[ev.SamplerSpec], module: LightningModule, owner: str) -> None:
+    if not num_classes_of(module) and any(s.guidance for s in specs):
+        raise ConfigError(
+            f"{owner}: {', '.join(s.text for s in specs if s.guidance)} ask for guidance, but the model is "
+            "unconditional (num_classes is 0): drop the '@w' suffixes or train a class-conditional model."
+        )
+
+
+def is_last_step(trainer: Trainer) -> bool:
+    return trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+
+
+def due(trainer: Trainer, every_n_epochs: int) -> bool:
+    """Evaluate this validation epoch? Every n epochs, and always at the end of training."""
+    if every_n_epochs <= 0 or trainer.sanity_checking:
+        return False
+    if trainer.state.fn != TrainerFn.FITTING:
+        return True  # `validate` on its own
+    final = is_last_step(trainer) or (trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs)
+    return final or (trainer.current_epoch + 1) % every_n_epochs == 0
+
+
+class ValidateAtLastStep(Callback):
+    """Runs a last validation (and with it the evaluations) when ``max_steps`` ends training mid-epoch, as
+    Lightning does when a callback asks to stop; otherwise a short run would never be evaluated."""
+
+    validate_at_last_step: bool = True
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if self.validate_at_last_step and is_last_step(trainer):
+            trainer.should_stop = True
+
+

@@ -1,0 +1,225 @@
+"""FID of several samplers at validation epoch ends, and the final table with the data's own floor in ``test``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from diffusion import evaluation as ev
+from diffusion.callbacks.common import (
+    DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, image_shape, log_line_chart, log_step, run_dir,
+    sample_fn, sampling_module,
+)
+from diffusion.errors import ConfigError
+
+
+class FIDEvaluation(ValidateAtLastStep):
+    """FID of each sampler in ``samplers`` against the training set's Inception statistics.
+
+    Args:
+        samplers: sampler names with their steps (``ddpm1000``, ``ddim10``, ...); all start from the same
+            seeded noise, so the numbers differ only by the sampler.
+        num_samples: generated images per sampler at a validation epoch end.
+        every_n_epochs: evaluate every n validation epochs (and at the end of training); 0 turns it off.
+        num_real: training images for the real statistics (default: all of them).
+        test_samplers: samplers for ``test`` (default: ``samplers``).
+        test_num_samples: generated images per sampler in ``test`` (50,000 for paper-comparable numbers; 0 turns
+            the test evaluation off).
+        test_floor: in ``test``, also score the held-out split against the training statistics: the FID a
+            perfect model would get with this many samples.
+        batch_size: images per sampling batch.
+        seed: seed of the noise (sample i gets the same x_T whatever the batch size or number of ranks).
+        weights_path: local Inception weights (``pt_inception-2015-12-05-*.pth``); default
+            ``$DIFFUSION_FID_WEIGHTS``, else torchmetrics downloads the standard ones.
+        cache_dir: where real statistics are cached (default ``$DIFFUSION_FID_CACHE`` or
+            ``~/.cache/diffusion/fid``); keyed by data, split, image size, number of images and weights.
+        feature_extractor: a module mapping uint8 [N, 3, H, W] to features, instead of Inception (tests).
+        validate_at_last_step: run a final validation when ``max_steps`` stops training mid-epoch.
+        save_samples: also write each rank's evaluation samples as uint8 with their global indices, to
+            ``<run dir>/fid_samples/<stage>-step<N>-<sampler>-rank<R>.npz`` (to inspect them or score them
+            with other metrics).
+        cpu_limits: on a CPU, evaluate at most 16 samples per sampler (64 in ``test``) against at most 1,000
+            real images, and say so: the GPU recipes' numbers would take hours there (DDPM-1000 alone is 1,000
+            network passes per image, Inception about 7 images/s on 2 cores). ``false`` uses the numbers as set.
+    """
+
+    def __init__(
+        self,
+        samplers: Sequence[str] = DEFAULT_SAMPLERS,
+        num_samples: int = 2048,
+        every_n_epochs: int = 1,
+        num_real: Optional[int] = None,
+        test_samplers: Optional[Sequence[str]] = None,
+        test_num_samples: int = 10_000,
+        test_floor: bool = True,
+        batch_size: int = 256,
+        seed: int = 0,
+        weights_path: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        feature_extractor: Optional[nn.Module] = None,
+        validate_at_last_step: bool = True,
+        save_samples: bool = False,
+        cpu_limits: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_samples, self.cpu_limits = save_samples, cpu_limits
+        self.specs = ev.parse_samplers(samplers)
+        self.test_specs = ev.parse_samplers(test_samplers) if test_samplers else self.specs
+        for name, value in (("num_samples", num_samples), ("test_num_samples", test_num_samples or 2), ("num_real", num_real)):
+            if value is not None and value < 2:
+                raise ConfigError(f"FIDEvaluation: {name} must be at least 2 (FID needs a covariance), got {value}.")
+        if batch_size < 1:
+            raise ConfigError(f"FIDEvaluation: batch_size must be positive, got {batch_size}.")
+        self.num_samples, self.every_n_epochs, self.num_real = num_samples, every_n_epochs, num_real
+        self.test_num_samples, self.test_floor = test_num_samples, test_floor
+        self.batch_size, self.seed, self.validate_at_last_step = batch_size, seed, validate_at_last_step
+        self.weights_path = weights_path
+        if feature_extractor is None:
+            ev.default_weights_path(weights_path)  # a wrong path fails now, not after an epoch of training
+        self.cache_dir = Path(cache_dir) if cache_dir else ev.default_cache_dir()
+        self.feature_extractor = feature_extractor
+        self._metric = None
+        self._real_key: Optional[dict] = None
+        self.last_results: dict[str, dict[str, float]] = {}
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        T = pl_module.schedule.num_timesteps
+        ev.parse_samplers([s.text for s in self.specs], T)
+        ev.parse_samplers([s.text for s in self.test_specs], T)
+        check_guidance([*self.specs, *self.test_specs], pl_module, "FIDEvaluation")
+        if not hasattr(trainer.datamodule, "reference_set"):
+            raise ConfigError(
+                "FIDEvaluation needs a data module with reference_set(split), such as DiffusionDataModule; "
+                "turn it off with every_n_epochs: 0 for other data modules."
+            )
+
+    # Keep Inception out of the trainer's checkpoints (callbacks' state is saved) and the module's state.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    CPU_LIMITS = {"num_samples": 16, "test_num_samples": 64, "num_real": 1000}
+
+    def limited(self, name: str, device: torch.device) -> Optional[int]:
+        value = getattr(self, name)
+        cap = self.CPU_LIMITS[name]
+        if not self.cpu_limits or device.type != "cpu" or (value is not None and value <= cap):
+            return value
+        rank_zero_warn(
+            f"FIDEvaluation on a CPU: {name} {value or 'all'} -> {cap} (set --fid.cpu_limits false to keep "
+            f"{value or 'all'}); FID of so few images is only a smoke test.", category=UserWarning)
+        return cap
+
+    def metric(self, trainer: Trainer, pl_module: LightningModule):
+        """The metric on the module's device, holding the training set's statistics."""
+        device = pl_module.device
+        dm = trainer.datamodule
+        key = {
+            "dataset": getattr(dm, "dataset", type(dm).__name__),
+            "split": "train",
+            "image_size": getattr(dm, "image_size", None),
+            "channels": getattr(dm, "channels", None),
+            "features": ev.extractor_id(self.feature_extractor, self.weights_path),
+        }
+        if self._metric is None or self._real_key != key:
+            self._metric = ev.make_fid(self.feature_extractor, self.weights_path).to(device)
+            start = time.perf_counter()
+            path, hit = ev.ensure_real_stats(
+                self._metric, dm.reference_set("train"), key, self.cache_dir, self.limited("num_real", device),
+                self.batch_size, device,
+            )
+            self._real_key = key
+            rank_zero_info(
+                f"FID real statistics {'loaded from' if hit else 'computed and cached in'} {path} "
+                f"({time.perf_counter() - start:.1f} s)."
+            )
+        self._metric.to(device)
+        return self._metric
+
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule, specs, num_samples: int) -> dict[str, dict]:
+        module = sampling_module(trainer, pl_module)
+        metric = self.metric(trainer, pl_module)
+        results = {}
+        rank, world = ev.dist_info()
+        share = ev.rank_share(num_samples, rank, world)
+        for spec in specs:
+            fid, seconds, images = ev.fid_of_samples(
+                metric, sample_fn(module, trainer, spec), num_samples, image_shape(module), self.seed,
+                self.batch_size, pl_module.device, keep=len(share) if self.save_samples else 0,
+            )
+            if self.save_samples:
+                path = run_dir(trainer) / "fid_samples" / f"{getattr(trainer.state.stage, 'value', 'eval')}-step{trainer.global_step}-{spec.key}-rank{rank}.npz"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(path, images=ev.to_fid_uint8(images)[:, : images.shape[1]].numpy(), indices=np.asarray(share))
+            results[spec.key] = {"sampler": spec.name, "steps": spec.steps, "guidance": spec.guidance, "fid": fid,
+                                 "seconds": seconds, "images_per_second": num_samples / max(seconds, 1e-9)}
+            rank_zero_info(f"FID {spec.key}: {fid:.2f} ({num_samples} samples, {seconds:.1f} s sampling)")
+        self.last_results = results
+        return results
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not due(trainer, self.every_n_epochs):
+            return
+        results = self.evaluate(trainer, pl_module, self.specs, self.limited("num_samples", pl_module.device))
+        for key, r in results.items():
+            pl_module.log(f"fid/{key}", r["fid"], sync_dist=True)  # the same on every rank; the mean keeps it
+            pl_module.log(f"fid_seconds/{key}", r["seconds"], sync_dist=True)
+        families: dict[str, tuple[list, list]] = {}
+        for r in sorted(results.values(), key=lambda r: r["steps"]):
+            name = r["sampler"] if r["guidance"] is None else f"{r['sampler']} w={r['guidance']:g}"
+            xs, ys = families.setdefault(name, ([], []))
+            xs.append(r["steps"])
+            ys.append(r["fid"])
+        log_line_chart(trainer, "fid/vs_steps", "FID against sampling steps", "steps", families)
+        sweeps: dict[str, tuple[list, list]] = {}
+        for r in sorted(results.values(), key=lambda r: r["guidance"] or 0.0):
+            if r["guidance"] is not None:
+                xs, ys = sweeps.setdefault(f"{r['sampler']}{r['steps']}", ([], []))
+                xs.append(r["guidance"])
+                ys.append(r["fid"])
+        if any(len(xs) > 1 for xs, _ in sweeps.values()):
+            log_line_chart(trainer, "fid/vs_guidance", "FID against the guidance scale w", "w", sweeps)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.test_num_samples:
+            return
+        num_samples = self.limited("test_num_samples", pl_module.device)
+        results = self.evaluate(trainer, pl_module, self.test_specs, num_samples)
+        rows = [[r["sampler"], r["steps"], r["guidance"], r["fid"], r["seconds"], r["images_per_second"]] for r in results.values()]
+        floor = None
+        if self.test_floor:
+            held_out = trainer.datamodule.reference_set("test")
+            floor = ev.fid_of_dataset(self.metric(trainer, pl_module), held_out, num_samples,
+                                      self.batch_size, pl_module.device)
+            n_floor = min(len(held_out), num_samples)
+            rows.append([f"held-out data ({n_floor} images): the floor", None, None, floor, None, None])
+            pl_module.log("test/fid_floor", floor, sync_dist=True)
+        for key, r in results.items():
+            pl_module.log(f"test/fid/{key}", r["fid"], sync_dist=True)
+            pl_module.log(f"test/fid_seconds/{key}", r["seconds"], sync_dist=True)
+            pl_module.log(f"test/images_per_second/{key}", r["images_per_second"], sync_dist=True)
+        columns = ["sampler", "steps", "guidance", "FID", "seconds", "images/s"]
+        if all(r["guidance"] is None for r in results.values()):  # an unconditional model: no guidance column
+            columns, rows = columns[:2] + columns[3:], [row[:2] + row[3:] for row in rows]
+        if trainer.is_global_zero:
+            # The answer `test` was run for: stdout, next to Lightning's table of metrics.
+            print(format_table(columns, rows, f"FID of {num_samples} samples against the training set"), flush=True)
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_table("test/fid_table", columns=columns, data=rows, step=log_step(trainer))
+
+
+def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str) -> str:
+    cells = [["-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+    return "\n".join([title, line(list(columns)), line(["-" * w for w in widths]), *map(line, cells)])
+
+
