@@ -17,12 +17,7 @@ import argparse
 import contextlib
 import copy
 import gc
-import importlib
 import json
-import math
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,26 +25,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: the package lives in the repository root
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, however this file is run
+from common import (  # noqa: E402
+    DEFAULT_FID_WEIGHTS, QUICK_OVERRIDES, ROOT, Emitter, device_name, diffusion_cli, fmt, guarded_main,
+    peak_memory, precision_context, reset_peak, resolve_fid_weights, software, split_overrides, sync,
+)
 
 PARTS = ("train", "sample", "eval")
 SWITCHES = ("compile", "channels_last", "fused_optimizer", "compile_sampling")
-DEFAULT_FID_WEIGHTS = ROOT.parent / "shared" / "fid" / "pt_inception-2015-12-05-fc-zero.pth"
 SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
-# --quick: a small U-Net, 20 timesteps (so DDPM runs all of them in seconds), small batches. They come before
-# the overrides given after `--`, which therefore win.
-QUICK_OVERRIDES = [
-    "--model.init_args.net.init_args.base_channels", "16",
-    "--model.init_args.net.init_args.channel_mults", "[1, 2]",
-    "--model.init_args.net.init_args.num_res_blocks", "1",
-    "--model.init_args.net.init_args.attention_resolutions", "[14]",
-    "--model.init_args.net.init_args.num_heads", "2",
-    "--model.init_args.num_timesteps", "20",
-    "--data.init_args.batch_size", "8",
-    "--data.init_args.num_workers", "0",
-]
 QUICK = {"warmup_steps": 2, "steps": 3, "sample_batch_size": 8, "eval_samples": 16, "eval_test_samples": 16,
          "eval_real": 32}
 
@@ -83,11 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, overrides = argv[:i], argv[i + 1 :]
+    argv, overrides = split_overrides(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     parts = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -123,65 +103,14 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
 # --- config ---------------------------------------------------------------------------------------------
 def build(args, overrides: list[str], workdir: Path):
     """Model, data module, and the CLI's trainer (precision, clipping) and callbacks, through DiffusionCLI."""
-    from diffusion.cli import DiffusionCLI
-
     cli_args = ["--config", args.config, "--trainer.logger", "false", "--trainer.devices", "1",
                 "--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu",
                 "--trainer.default_root_dir", str(workdir / "cli"),
                 *(QUICK_OVERRIDES if args.quick else []), *overrides]
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both args= and a command line
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            cli = DiffusionCLI(args=cli_args, run=False)
-    finally:
-        sys.argv = argv
-    return cli
+    return diffusion_cli(cli_args, run=False)
 
 
 # --- measuring helpers ----------------------------------------------------------------------------------
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def precision_context(precision: str, device):
-    """The autocast Lightning's precision plugin uses for ``precision`` (none for full precision)."""
-    import torch
-
-    if precision == "bf16-mixed":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "16-mixed":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def reset_peak(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device) -> dict[str, Any]:
-    """Peak memory since the last reset_peak: CUDA's max_memory_allocated, or on a CPU the process's max RSS
-    (process-wide and never reset: an upper bound for the phase)."""
-    import torch
-
-    if device.type == "cuda":
-        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20, "memory_metric": "cuda.max_memory_allocated"}
-    try:
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rss_mib = rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
-        return {"peak_memory_mib": rss_mib, "memory_metric": "ru_maxrss (process-wide, never reset)"}
-    except Exception:
-        return {"peak_memory_mib": None, "memory_metric": None}
-
-
 def _images(batch):
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
@@ -501,24 +430,6 @@ def _mark_class():
     return EvalMark
 
 
-def fid_features(fid, args) -> tuple[Optional[str], Optional[str]]:
-    """(description of the features, reason to skip). Sets the weights path when it comes from --fid_weights
-    or the shared default."""
-    from diffusion.evaluation import WEIGHTS_ENV
-
-    if fid.feature_extractor is not None:
-        return f"custom: {type(fid.feature_extractor).__qualname__}", None
-    if args.fid_weights:
-        fid.weights_path = str(Path(args.fid_weights).expanduser())
-    elif not fid.weights_path and not os.environ.get(WEIGHTS_ENV) and DEFAULT_FID_WEIGHTS.is_file():
-        fid.weights_path = str(DEFAULT_FID_WEIGHTS)
-    path = fid.weights_path or os.environ.get(WEIGHTS_ENV)
-    if path is None and args.device == "cpu":
-        return None, (f"no FID Inception weights: pass --fid_weights, set fid.weights_path or ${WEIGHTS_ENV}, or put "
-                      f"them at {DEFAULT_FID_WEIGHTS} (the benchmark does not download them on a CPU)")
-    return f"inception-2048: {path or 'torchmetrics download'}", None
-
-
 def bench_eval(cli, pristine, fid, quick_specs, args, device, precision, base, workdir) -> dict[str, Any]:
     import torch
     from lightning.pytorch import Trainer
@@ -528,7 +439,7 @@ def bench_eval(cli, pristine, fid, quick_specs, args, device, precision, base, w
     record: dict[str, Any] = {"kind": "eval", **base}
     if fid is None:
         return {**record, "skipped": True, "reason": "the config has no FIDEvaluation callback"}
-    features, reason = fid_features(fid, args)
+    features, reason = resolve_fid_weights(fid, args.fid_weights, args.device)
     if reason:
         print(f"eval skipped: {reason}", file=sys.stderr)
         return {**record, "skipped": True, "reason": reason}
@@ -593,42 +504,16 @@ def bench_eval(cli, pristine, fid, quick_specs, args, device, precision, base, w
 
 
 # --- environment and output -----------------------------------------------------------------------------
-def _git() -> Optional[str]:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=10)
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
-    except Exception:
-        return None
-
-
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
 def env_record(cli, model, args, overrides, device, precision, base) -> dict[str, Any]:
-    import lightning
     import torch
 
     net = model.net
     dm = cli.datamodule
     return {
-        "kind": "env", **base, "device_name": device_name(device), "python": platform.python_version(),
-        "torch": torch.__version__, "lightning": lightning.__version__, "cuda": torch.version.cuda,
+        "kind": "env", **base, "device_name": device_name(device), **software(),
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "git": _git(), "config": args.config, "quick": args.quick, "overrides": (QUICK_OVERRIDES if args.quick else []) + overrides,
+        "config": args.config, "quick": args.quick, "overrides": (QUICK_OVERRIDES if args.quick else []) + overrides,
         "parts": args.parts,
         "switches": {name: model.switch_on(name, device) for name in SWITCHES},
         "switches_configured": {name: model.hparams.get(name) for name in SWITCHES},
@@ -638,14 +523,6 @@ def env_record(cli, model, args, overrides, device, precision, base) -> dict[str
         "num_timesteps": model.schedule.num_timesteps, "train_batch_size": int(dm.batch_size),
         "sample_batch_size": args.sample_batch_size, "seed": args.seed,
     }
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    return str(value)
 
 
 def readable(r: dict[str, Any]) -> str:
@@ -660,36 +537,21 @@ def readable(r: dict[str, Any]) -> str:
     if kind == "train":
         mem = r.get("lightning_peak_memory_mib")
         return (head + f"batch {r['batch_size']}, {r['timed_steps']} steps after {r['warmup_steps']} warm-up | lightning "
-                f"{_fmt(r['lightning_images_per_s'])} images/s, {_fmt(r['lightning_model_tflops'])} TFLOP/s | bare "
-                f"{_fmt(r['bare_images_per_s'])} images/s, {_fmt(r.get('bare_model_tflops'))} TFLOP/s | lightning "
-                f"overhead {_fmt(None if r['lightning_overhead'] is None else 100 * r['lightning_overhead'])}% | "
-                f"peak {_fmt(mem)} MiB ({r['memory_metric']})")
+                f"{fmt(r['lightning_images_per_s'])} images/s, {fmt(r['lightning_model_tflops'])} TFLOP/s | bare "
+                f"{fmt(r['bare_images_per_s'])} images/s, {fmt(r.get('bare_model_tflops'))} TFLOP/s | lightning "
+                f"overhead {fmt(None if r['lightning_overhead'] is None else 100 * r['lightning_overhead'])}% | "
+                f"peak {fmt(mem)} MiB ({r['memory_metric']})")
     if kind == "sample":
         return (head + f"{r['spec']:<9} batch {r['batch_size']}, {r['network_calls']} network calls | "
-                f"{_fmt(r['images_per_s'])} images/s, {_fmt(r['model_tflops'])} TFLOP/s, {_fmt(r['seconds'])} s | peak "
-                f"{_fmt(r['peak_memory_mib'])} MiB")
+                f"{fmt(r['images_per_s'])} images/s, {fmt(r['model_tflops'])} TFLOP/s, {fmt(r['seconds'])} s | peak "
+                f"{fmt(r['peak_memory_mib'])} MiB")
     if kind == "eval":
-        test = (f"final test {_fmt(r['test_seconds'])} s ({r['test_num_samples']} samples x {', '.join(r['test_samplers'])}"
+        test = (f"final test {fmt(r['test_seconds'])} s ({r['test_num_samples']} samples x {', '.join(r['test_samplers'])}"
                 f"{' + held-out floor' if r['test_floor'] else ''})")
-        return (head + f"epoch-end FID {_fmt(r['epoch_end_seconds'])} s ({r['epoch_end_num_samples']} samples x "
-                f"{', '.join(r['epoch_end_samplers'])}) | {test} | real statistics {_fmt(r['real_stats_seconds'])} s "
+        return (head + f"epoch-end FID {fmt(r['epoch_end_seconds'])} s ({r['epoch_end_num_samples']} samples x "
+                f"{', '.join(r['epoch_end_samplers'])}) | {test} | real statistics {fmt(r['real_stats_seconds'])} s "
                 f"({r['num_real'] or 'all'} images) | {r['features']}")
     return head + json.dumps(r)
-
-
-class Emitter:
-    def __init__(self, args, stdout) -> None:
-        self.json, self.out, self.stdout = args.json, args.out, stdout
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        for key, value in record.items():  # measured figures only: never NaN or infinite in the output
-            if isinstance(value, float) and not math.isfinite(value):
-                record[key] = None
-        line = json.dumps(record)
-        print(line if self.json else readable(record), file=self.stdout, flush=True)
-        if self.out:
-            with open(self.out, "a") as f:
-                f.write(line + "\n")
 
 
 # --- main -----------------------------------------------------------------------------------------------
@@ -740,20 +602,8 @@ def run(args, overrides: list[str], emit: Emitter) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args, overrides = parse_args(argv)
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("WANDB_SILENT", "true")
-    emit = Emitter(args, sys.stdout)
-    from diffusion.errors import find_user_error
-
-    try:
-        run(args, overrides, emit)
-    except Exception as e:
-        error = find_user_error(e)
-        if error is None or os.environ.get("DIFFUSION_TRACEBACK"):
-            raise
-        print(f"error: {error}\n(set DIFFUSION_TRACEBACK=1 for the full traceback)", file=sys.stderr)
-        return 2
-    return 0
+    emit = Emitter(args.json, args.out, sys.stdout, readable)
+    return guarded_main(lambda: run(args, overrides, emit))
 
 
 if __name__ == "__main__":

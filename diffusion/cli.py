@@ -26,6 +26,7 @@ from diffusion.data import DiffusionDataModule
 from diffusion.module import DiffusionModel, state_dict_mismatch
 from diffusion.samplers import slerp
 from diffusion.errors import CheckpointError, ConfigError, find_user_error
+from diffusion.progress import StepProgress, close_open_bars, progress_bars
 
 
 def unreadable_checkpoint(path, error: Exception) -> CheckpointError:
@@ -211,13 +212,15 @@ class DiffusionCLI(LightningCLI):
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
         chunks = []
-        with self.trainer.precision_plugin.forward_context():
+        desc = f"Sampling {num_samples} images with {sampler or model.hparams.sample_sampler}"
+        with self.trainer.precision_plugin.forward_context(), \
+                StepProgress(progress_bars(self.trainer), math.ceil(num_samples / batch_size), desc) as progress:
             for begin in range(0, num_samples, batch_size):
                 n = min(batch_size, num_samples - begin)
                 y = None if labels is None else labels[begin : begin + n]
                 x = None if x_T is None else x_T[begin : begin + n]
                 chunks.append(model.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                                           x_T=x, labels=y, guidance=guidance).cpu())
+                                           x_T=x, labels=y, guidance=guidance, progress=progress).cpu())
         images = torch.cat(chunks)
         seconds = time.perf_counter() - start
         path = save_grid(images, out, nrow=nrow)
@@ -256,6 +259,7 @@ def main(args=None) -> None:
         DiffusionCLI(args=args)
     except Exception as e:
         error = find_user_error(e)
+        close_open_bars()  # the error, or the traceback, on a line of its own
         if error is None or os.environ.get("DIFFUSION_TRACEBACK"):
             raise
         print(f"error: {error}\n(set DIFFUSION_TRACEBACK=1 for the full traceback)", file=sys.stderr)

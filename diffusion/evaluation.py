@@ -199,6 +199,18 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
+def stats_key(datamodule, split: str, feature_extractor: Optional[nn.Module], weights_path: Optional[str]) -> dict:
+    """What cached statistics of a data module's ``split`` depend on, besides the images (which the cache
+    digests): the same key wherever they are computed (the FID callback, the benchmarks)."""
+    return {
+        "dataset": getattr(datamodule, "dataset", type(datamodule).__name__),
+        "split": split,
+        "image_size": getattr(datamodule, "image_size", None),
+        "channels": getattr(datamodule, "channels", None),
+        "features": extractor_id(feature_extractor, weights_path),
+    }
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "diffusion" / "fid")
 
@@ -212,9 +224,16 @@ def stats_cache_path(cache_dir: Path | str, key: dict) -> Path:
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
-def load_real_stats(metric, path: Path) -> bool:
-    """Load cached real statistics into ``metric``; under DDP only rank 0 holds them (the others hold zeros),
-    so the metric's sum-reduction yields the totals once."""
+def _states(side: str) -> tuple[str, ...]:
+    """The metric's state names for one side, ``real`` or ``fake``; cache files use the ``real`` names."""
+    if side not in ("real", "fake"):
+        raise ValueError(f"side must be 'real' or 'fake', got {side!r}")
+    return tuple(name.replace("real_", f"{side}_", 1) for name in REAL_STATES)
+
+
+def load_stats(metric, path: Path, side: str = "real") -> bool:
+    """Load cached statistics into one side of ``metric``; under DDP only rank 0 holds them (the others hold
+    zeros), so the metric's sum-reduction yields the totals once."""
     if not path.is_file():
         return False
     try:
@@ -222,19 +241,20 @@ def load_real_stats(metric, path: Path) -> bool:
         values = [stats[k] for k in REAL_STATES]
     except Exception:  # truncated or foreign file: recompute and overwrite it
         return False
-    if values[0].shape != metric.real_features_sum.shape:
+    names = _states(side)
+    if values[0].shape != getattr(metric, names[0]).shape:
         return False
     keep = dist_info()[0] == 0
-    device = metric.real_features_sum.device
-    for name, value in zip(REAL_STATES, values):
+    device = getattr(metric, names[0]).device
+    for name, value in zip(names, values):
         setattr(metric, name, (value if keep else torch.zeros_like(value)).to(device))
     return True
 
 
-def save_real_stats(metric, path: Path, key: dict) -> None:
-    """Write the (rank-summed) real statistics atomically; every rank must call this (it syncs)."""
+def save_stats(metric, path: Path, key: dict, side: str = "real") -> None:
+    """Write one side's (rank-summed) statistics atomically; every rank must call this (it syncs)."""
     with metric.sync_context(should_unsync=True):
-        stats = {k: getattr(metric, k).detach().cpu().clone() for k in REAL_STATES}
+        stats = {real: getattr(metric, name).detach().cpu().clone() for real, name in zip(REAL_STATES, _states(side))}
     if dist_info()[0] == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -242,15 +262,19 @@ def save_real_stats(metric, path: Path, key: dict) -> None:
         os.replace(tmp, path)
 
 
-def feed_dataset(metric, dataset: Dataset, indices: Sequence[int], batch_size: int, device: torch.device, real: bool) -> None:
-    """Feed this rank's share of ``dataset[indices]`` (images in [-1, 1]) to the metric."""
+def feed_dataset(metric, dataset: Dataset, indices: Sequence[int], batch_size: int, device: torch.device, real: bool,
+                 progress: Optional[Callable[[int, str], object]] = None, desc: str = "Inception features") -> None:
+    """Feed this rank's share of ``dataset[indices]`` (images in [-1, 1]) to the metric, with a progress bar
+    from the ``progress(total, desc)`` factory (see ``diffusion.progress``)."""
     rank, world = dist_info()
     share = [indices[i] for i in rank_share(len(indices), rank, world)]
     if not share:
         return
-    for batch in DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False):
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        update_metric(metric, images.to(device), real=real)
+    with (progress or _no_bars)(len(share), desc) as bar:
+        for batch in DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False):
+            images = batch[0] if isinstance(batch, (list, tuple)) else batch
+            update_metric(metric, images.to(device), real=real)
+            bar.update(images.shape[0])
 
 
 # Images per Inception call on a CPU: Inception upsamples every image to 299x299, and in chunks this small the
@@ -277,7 +301,7 @@ def reference_indices(n_available: int, num: Optional[int], seed: int = 0) -> li
     return sorted(perm[:num].tolist())
 
 
-def ensure_real_stats(
+def ensure_stats(
     metric,
     dataset: Dataset,
     key: dict,
@@ -285,8 +309,11 @@ def ensure_real_stats(
     num: Optional[int],
     batch_size: int,
     device: torch.device,
+    side: str = "real",
+    progress: Optional[Callable[[int, str], object]] = None,
 ) -> tuple[Path | None, bool]:
-    """Put the real statistics into ``metric``: from the cache if it holds them, else computed (and cached).
+    """Put the statistics of ``num`` images of ``dataset`` (a fixed subset; all by default) into one side of
+    ``metric``: from the cache if it holds them, else computed (and cached).
 
     Returns the cache file and whether it was a hit. All ranks must call this together.
     """
@@ -295,20 +322,27 @@ def ensure_real_stats(
     indices = reference_indices(len(dataset), num)
     key = {**key, "num_real": len(indices), "data": dataset_fingerprint(Subset(dataset, indices))}
     path = stats_cache_path(cache_dir, key) if cache_dir is not None else None
-    hit = path is not None and load_real_stats(metric, path)
+    hit = path is not None and load_stats(metric, path, side)
     if dist.is_available() and dist.is_initialized():
         # Ranks must agree, or some would compute (and sync) while others do not.
         flag = torch.tensor([int(hit)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if not bool(flag.item()) and hit:
-            for name in REAL_STATES:
+            for name in _states(side):
                 setattr(metric, name, torch.zeros_like(getattr(metric, name)))
         hit = bool(flag.item())
     if not hit:
-        feed_dataset(metric, dataset, indices, batch_size, device, real=True)
+        desc = f"Inception features of {key.get('dataset', 'the data')} ({key.get('split', side)}, {len(indices)} images)"
+        feed_dataset(metric, dataset, indices, batch_size, device, real=side == "real", progress=progress, desc=desc)
         if path is not None:
-            save_real_stats(metric, path, key)
+            save_stats(metric, path, key, side)
     return path, hit
+
+
+def ensure_real_stats(metric, dataset: Dataset, key: dict, cache_dir: Optional[Path | str], num: Optional[int],
+                      batch_size: int, device: torch.device, progress=None) -> tuple[Path | None, bool]:
+    """The reference statistics (``ensure_stats`` on the real side)."""
+    return ensure_stats(metric, dataset, key, cache_dir, num, batch_size, device, "real", progress)
 
 
 # --- generating and scoring -----------------------------------------------------------------------------
@@ -345,11 +379,13 @@ def fid_of_samples(
     batch_size: int,
     device: torch.device,
     keep: int = 0,
+    progress: Optional[Callable[[int, str], object]] = None,
+    desc: str = "FID samples",
 ) -> tuple[float, float, Tensor]:
     """FID of ``num_samples`` generated images against the metric's real statistics.
 
     Returns (FID, seconds spent sampling (Inception excluded; the slowest rank's), the first ``keep`` images of
-    this rank on the CPU).
+    this rank on the CPU). ``progress(total, desc)`` makes a bar that counts this rank's images, batch by batch.
     """
     metric.reset()
     kept: list[Tensor] = []
@@ -370,7 +406,14 @@ def fid_of_samples(
             kept.append(images[: keep - have].detach().float().cpu())
         update_metric(metric, images, real=False)
 
-    generate_share(timed, num_samples, shape, seed, batch_size, device, consume)
+    rank, world = dist_info()
+    with (progress or _no_bars)(len(rank_share(num_samples, rank, world)), desc) as bar:
+
+        def consume_and_count(images: Tensor) -> None:
+            consume(images)
+            bar.update(images.shape[0])
+
+        generate_share(timed, num_samples, shape, seed, batch_size, device, consume_and_count)
     if dist.is_available() and dist.is_initialized():
         # The ranks sample in parallel: the evaluation took as long as the slowest one.
         t = torch.tensor([seconds], device=device, dtype=torch.float64)
@@ -380,8 +423,20 @@ def fid_of_samples(
     return fid, seconds, torch.cat(kept) if kept else torch.empty(0, *shape)
 
 
-def fid_of_dataset(metric, dataset: Dataset, num: Optional[int], batch_size: int, device: torch.device) -> float:
-    """FID of real images (e.g. the held-out split) against the metric's real statistics: the data's floor."""
+def fid_of_dataset(metric, dataset: Dataset, num: Optional[int], batch_size: int, device: torch.device,
+                   cache_dir: Optional[Path | str] = None, key: Optional[dict] = None, progress=None) -> float:
+    """FID of real images (e.g. the held-out split) against the metric's real statistics: the data's floor.
+    With ``cache_dir`` and ``key`` their statistics are cached like the real ones (they never change)."""
     metric.reset()
-    feed_dataset(metric, dataset, reference_indices(len(dataset), num), batch_size, device, real=False)
+    if cache_dir is not None and key is not None:
+        ensure_stats(metric, dataset, key, cache_dir, num, batch_size, device, side="fake", progress=progress)
+    else:
+        feed_dataset(metric, dataset, reference_indices(len(dataset), num), batch_size, device, real=False,
+                     progress=progress)
     return float(metric.compute())
+
+
+def _no_bars(total: int, desc: str):
+    from diffusion.progress import NullBar
+
+    return NullBar()

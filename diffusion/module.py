@@ -333,6 +333,7 @@ class DiffusionModel(LightningModule):
         images on any device. ``steps`` defaults to all T for ``ddpm`` and to ``sample_steps`` otherwise.
         ``labels`` (a class-conditional model only): one label, or one per image; default: the classes in turn.
         ``guidance``: the classifier-free guidance scale w (default ``sample_guidance``).
+        ``options`` go to the sampler (``clip_x0``, ``eta``, ``progress``: e.g. ``tqdm``, one item per network call).
         """
         sampler = sampler or self.hparams.sample_sampler
         fn = get_sampler(sampler)

@@ -150,7 +150,9 @@ def due(trainer: Trainer, every_n_epochs: int) -> bool:
         return False
     if trainer.state.fn != TrainerFn.FITTING:
         return True  # `validate` on its own
-    final = is_last_step(trainer) or (trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs)
+    # should_stop: max_steps reached (ValidateAtLastStep), max_time's Timer, early stopping: the last validation.
+    final = (trainer.should_stop or is_last_step(trainer)
+             or (trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs))
     return final or (trainer.current_epoch + 1) % every_n_epochs == 0
 
 

@@ -19,6 +19,7 @@ from diffusion.callbacks.common import (
     sample_fn, sampling_module,
 )
 from diffusion.errors import ConfigError
+from diffusion.progress import progress_bars
 
 
 class FIDEvaluation(ValidateAtLastStep):
@@ -35,6 +36,8 @@ class FIDEvaluation(ValidateAtLastStep):
             the test evaluation off).
         test_floor: in ``test``, also score the held-out split against the training statistics: the FID a
             perfect model would get with this many samples.
+        floor: at validation evaluations too, log that floor for ``num_samples`` images as ``fid/floor``, next
+            to the samplers' FIDs (the held-out images' statistics are cached like the real ones).
         batch_size: images per sampling batch.
         seed: seed of the noise (sample i gets the same x_T whatever the batch size or number of ranks).
         weights_path: local Inception weights (``pt_inception-2015-12-05-*.pth``); default
@@ -60,6 +63,7 @@ class FIDEvaluation(ValidateAtLastStep):
         test_samplers: Optional[Sequence[str]] = None,
         test_num_samples: int = 10_000,
         test_floor: bool = True,
+        floor: bool = False,
         batch_size: int = 256,
         seed: int = 0,
         weights_path: Optional[str] = None,
@@ -79,7 +83,7 @@ class FIDEvaluation(ValidateAtLastStep):
         if batch_size < 1:
             raise ConfigError(f"FIDEvaluation: batch_size must be positive, got {batch_size}.")
         self.num_samples, self.every_n_epochs, self.num_real = num_samples, every_n_epochs, num_real
-        self.test_num_samples, self.test_floor = test_num_samples, test_floor
+        self.test_num_samples, self.test_floor, self.floor = test_num_samples, test_floor, floor
         self.batch_size, self.seed, self.validate_at_last_step = batch_size, seed, validate_at_last_step
         self.weights_path = weights_path
         if feature_extractor is None:
@@ -88,6 +92,7 @@ class FIDEvaluation(ValidateAtLastStep):
         self.feature_extractor = feature_extractor
         self._metric = None
         self._real_key: Optional[dict] = None
+        self._floors: dict[tuple, float] = {}
         self.last_results: dict[str, dict[str, float]] = {}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -117,23 +122,21 @@ class FIDEvaluation(ValidateAtLastStep):
             f"{value or 'all'}); FID of so few images is only a smoke test.", category=UserWarning)
         return cap
 
+    def _key(self, trainer: Trainer, split: str) -> dict:
+        return ev.stats_key(trainer.datamodule, split, self.feature_extractor, self.weights_path)
+
     def metric(self, trainer: Trainer, pl_module: LightningModule):
         """The metric on the module's device, holding the training set's statistics."""
         device = pl_module.device
         dm = trainer.datamodule
-        key = {
-            "dataset": getattr(dm, "dataset", type(dm).__name__),
-            "split": "train",
-            "image_size": getattr(dm, "image_size", None),
-            "channels": getattr(dm, "channels", None),
-            "features": ev.extractor_id(self.feature_extractor, self.weights_path),
-        }
+        key = self._key(trainer, "train")
         if self._metric is None or self._real_key != key:
             self._metric = ev.make_fid(self.feature_extractor, self.weights_path).to(device)
+            self._floors = {}
             start = time.perf_counter()
             path, hit = ev.ensure_real_stats(
                 self._metric, dm.reference_set("train"), key, self.cache_dir, self.limited("num_real", device),
-                self.batch_size, device,
+                self.batch_size, device, progress=progress_bars(trainer),
             )
             self._real_key = key
             rank_zero_info(
@@ -149,10 +152,12 @@ class FIDEvaluation(ValidateAtLastStep):
         results = {}
         rank, world = ev.dist_info()
         share = ev.rank_share(num_samples, rank, world)
+        bars = progress_bars(trainer)
         for spec in specs:
             fid, seconds, images = ev.fid_of_samples(
                 metric, sample_fn(module, trainer, spec), num_samples, image_shape(module), self.seed,
-                self.batch_size, pl_module.device, keep=len(share) if self.save_samples else 0,
+                self.batch_size, pl_module.device, keep=len(share) if self.save_samples else 0, progress=bars,
+                desc=f"FID {spec.key}",
             )
             if self.save_samples:
                 path = run_dir(trainer) / "fid_samples" / f"{getattr(trainer.state.stage, 'value', 'eval')}-step{trainer.global_step}-{spec.key}-rank{rank}.npz"
@@ -164,6 +169,17 @@ class FIDEvaluation(ValidateAtLastStep):
         self.last_results = results
         return results
 
+    def floor_fid(self, trainer: Trainer, pl_module: LightningModule, num: int) -> tuple[float, int]:
+        """The held-out split's FID against the training statistics, for ``num`` images (at most the split):
+        the FID a perfect model would get at that sample size. Computed once per run and size."""
+        metric = self.metric(trainer, pl_module)
+        held_out = trainer.datamodule.reference_set("test")
+        n = min(len(held_out), num)
+        if n not in self._floors:
+            self._floors[n] = ev.fid_of_dataset(metric, held_out, n, self.batch_size, pl_module.device, self.cache_dir,
+                                                self._key(trainer, "test"), progress=progress_bars(trainer))
+        return self._floors[n], n
+
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not due(trainer, self.every_n_epochs):
             return
@@ -171,6 +187,9 @@ class FIDEvaluation(ValidateAtLastStep):
         for key, r in results.items():
             pl_module.log(f"fid/{key}", r["fid"], sync_dist=True)  # the same on every rank; the mean keeps it
             pl_module.log(f"fid_seconds/{key}", r["seconds"], sync_dist=True)
+        if self.floor:
+            floor, _ = self.floor_fid(trainer, pl_module, self.limited("num_samples", pl_module.device))
+            pl_module.log("fid/floor", floor, sync_dist=True)
         families: dict[str, tuple[list, list]] = {}
         for r in sorted(results.values(), key=lambda r: r["steps"]):
             name = r["sampler"] if r["guidance"] is None else f"{r['sampler']} w={r['guidance']:g}"
@@ -195,10 +214,7 @@ class FIDEvaluation(ValidateAtLastStep):
         rows = [[r["sampler"], r["steps"], r["guidance"], r["fid"], r["seconds"], r["images_per_second"]] for r in results.values()]
         floor = None
         if self.test_floor:
-            held_out = trainer.datamodule.reference_set("test")
-            floor = ev.fid_of_dataset(self.metric(trainer, pl_module), held_out, num_samples,
-                                      self.batch_size, pl_module.device)
-            n_floor = min(len(held_out), num_samples)
+            floor, n_floor = self.floor_fid(trainer, pl_module, num_samples)
             rows.append([f"held-out data ({n_floor} images): the floor", None, None, floor, None, None])
             pl_module.log("test/fid_floor", floor, sync_dist=True)
         for key, r in results.items():

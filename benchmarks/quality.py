@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""Quality benchmark: train a config for a wall-clock budget through the real CLI, then score its EMA weights.
+
+    python benchmarks/quality.py --config configs/mnist_cpu.yaml --minutes 10 --num_samples 1000 --num_real 2000
+    python benchmarks/quality.py --config configs/mnist.yaml --minutes 5 --num_samples 10000 --num_real 60000  # GPU
+
+Phases, each timed:
+1. ``fit`` through ``DiffusionCLI`` (the parser, links and callbacks of ``python -m diffusion fit``) with
+   ``--trainer.max_time``: the config as a user runs it, except that its own FID callback is off (this
+   benchmark scores instead). ``--ckpt`` skips training and scores a checkpoint.
+2. The Inception statistics of ``--num_real`` training images (a fixed subset; cached, like the FID callback's).
+3. Per sampler in ``--samplers``: ``--num_samples`` images from the EMA weights, from the same seeded noise, and
+   their FID; as a ratio to DDPM-1000's too.
+4. The floor: ``--num_samples`` held-out images against the same statistics, the FID of a perfect model.
+
+Output: JSON lines (``--json``) or one readable line per record on stdout, then a markdown table; in ``--out``:
+results.jsonl, table.md, model.ckpt (what was scored) and samples-<sampler>.png (the first ``--grid`` images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, however this file is run
+from common import (  # noqa: E402
+    QUICK_OVERRIDES, ROOT, Emitter, device_name, diffusion_cli, fmt, guarded_main, resolve_fid_weights, software,
+    split_overrides, sync,
+)
+
+DEFAULT_SAMPLERS = "ddpm1000,ddim10,ddim25,ddim50,dpmpp2m10,dpmpp2m20"
+# --quick: the small U-Net of QUICK_OVERRIDES (20 timesteps), a few steps, a few images: seconds on a CPU.
+QUICK = {"steps": 3, "num_samples": 16, "num_real": 32, "samplers": "ddpm20,ddim5,ddim10,dpmpp2m5", "grid": 16}
+QUICK_FIT = ["--fid.samplers", "[ddim5]", "--sample_grids.samplers", "[ddim5]", "--sample_grids.num_images", "2",
+             "--diagnostics.grad_every_n_steps", "0", "--trainer.limit_val_batches", "2"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmarks/quality.py",
+        description="Train a config for a wall-clock budget, then the FID of its EMA weights per sampler, with the "
+        "data's floor. LightningCLI overrides go after `--`, e.g. `-- --data.init_args.data_dir ../shared/data`.",
+    )
+    p.add_argument("--config", default=str(ROOT / "configs" / "mnist_cpu.yaml"), help="LightningCLI YAML (default: configs/mnist_cpu.yaml)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes of wall time (Lightning's max_time)")
+    p.add_argument("--ckpt", default=None, help="score this checkpoint instead of training")
+    p.add_argument("--samplers", default=None, help=f"comma-separated sampler specs (default: {DEFAULT_SAMPLERS})")
+    p.add_argument("--num_samples", type=int, default=None, help="generated images per sampler, and held-out images for the floor (default 1000)")
+    p.add_argument("--num_real", type=int, default=None, help="training images for the reference statistics (default 2000; 0: all)")
+    p.add_argument("--sample_batch_size", type=int, default=None, help="images per sampling batch (default: the config's fid.batch_size)")
+    p.add_argument("--grid", type=int, default=None, help="images in each sampler's PNG grid (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (sample i gets the same x_T in every sampler)")
+    p.add_argument("--out", default=None, help="folder for the run, the grids and the results (default: runs/quality/<config>-<time>)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line on stdout (the last one: kind 'summary')")
+    p.add_argument("--quick", action="store_true", help="a small U-Net, a few steps and images: a smoke run in seconds")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU ops); default: torch's choice")
+    p.add_argument("--fid_weights", default=None, help="Inception weights (default: the config's fid.weights_path, $DIFFUSION_FID_WEIGHTS, or ../shared/fid)")
+    p.add_argument("--fid_cache", default=None, help="cache of the reference statistics (default: the config's fid.cache_dir, $DIFFUSION_FID_CACHE, ~/.cache/diffusion/fid)")
+    return p
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+    argv, overrides = split_overrides(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    defaults = {"num_samples": 1000, "num_real": 2000, "samplers": DEFAULT_SAMPLERS, "grid": 64}
+    for name, value in (QUICK if args.quick else defaults).items():
+        if name in defaults and getattr(args, name) is None:
+            setattr(args, name, value)
+    args.train_steps = QUICK["steps"] if args.quick else None
+    if not Path(args.config).is_file():
+        parser.error(f"--config: no such file {args.config}")
+    if args.ckpt is not None and not Path(args.ckpt).is_file():
+        parser.error(f"--ckpt: no such file {args.ckpt}")
+    if args.minutes <= 0:
+        parser.error(f"--minutes must be positive, got {args.minutes}")
+    if args.num_samples < 2:
+        parser.error(f"--num_samples must be at least 2 (FID needs a covariance), got {args.num_samples}")
+    if args.num_real != 0 and args.num_real < 2:
+        parser.error(f"--num_real must be at least 2, or 0 for all training images, got {args.num_real}")
+    for name in ("sample_batch_size", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.grid < 0:
+        parser.error(f"--grid must be >= 0, got {args.grid}")
+    if args.fid_weights is not None and not Path(args.fid_weights).expanduser().is_file():
+        parser.error(f"--fid_weights: no such file {args.fid_weights}")
+    args.sampler_list = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    if not args.sampler_list:
+        parser.error("--samplers: give at least one, e.g. ddim50")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.out = str(ROOT / "runs" / "quality" / f"{Path(args.config).stem}-{stamp}")
+    return args, overrides
+
+
+def max_time(minutes: float) -> str:
+    """Lightning's ``DD:HH:MM:SS`` for a budget in minutes (whole seconds, at least one)."""
+    seconds = max(1, round(minutes * 60))
+    days, rest = divmod(seconds, 86400)
+    return f"{days:02d}:{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+
+
+# --- phases -----------------------------------------------------------------------------------------------
+def train(args, overrides: list[str], out: Path) -> tuple[Any, dict[str, Any]]:
+    """``fit`` for ``--minutes`` through the CLI; the CLI object (trainer, model holding the EMA weights after
+    training, data module) and the training record."""
+    from lightning.pytorch.callbacks import Timer
+
+    steps = ["--trainer.max_steps", str(args.train_steps)] if args.train_steps else ["--trainer.max_steps", "-1"]
+    cli_args = ["fit", "--config", args.config, "--trainer.max_time", max_time(args.minutes), *steps,
+                "--trainer.max_epochs", "-1", "--trainer.default_root_dir", str(out / "run"),
+                "--fid.every_n_epochs", "0", *(QUICK_OVERRIDES + QUICK_FIT if args.quick else []), *overrides]
+    start = time.perf_counter()
+    cli = diffusion_cli(cli_args, run=True)
+    wall = time.perf_counter() - start
+    trainer = cli.trainer
+    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
+    seconds = timer.time_elapsed("train")
+    batch = int(cli.datamodule.batch_size) * trainer.world_size * trainer.accumulate_grad_batches
+    images = trainer.global_step * batch
+    trainer.save_checkpoint(out / "model.ckpt")  # the EMA weights as `state_dict`, as in every checkpoint
+    record = {
+        "kind": "train", "minutes": args.minutes, "steps": trainer.global_step, "epochs": trainer.current_epoch,
+        "global_batch": batch, "images": images, "train_seconds": seconds, "wall_seconds": wall,
+        "images_per_s": images / seconds if seconds > 0 else None, "precision": str(trainer.precision),
+        "ema": any(type(c).__name__ == "EMA" for c in trainer.callbacks), "run_dir": str(out / "run"),
+        "checkpoint": str(out / "model.ckpt"),
+    }
+    return cli, record
+
+
+def load(args, overrides: list[str], out: Path) -> tuple[Any, dict[str, Any]]:
+    """``--ckpt``: the config's data module and callbacks, and the checkpoint's model (its EMA weights)."""
+    import torch
+
+    from diffusion.module import DiffusionModel
+
+    cli = diffusion_cli(["--config", args.config, "--trainer.logger", "false", "--trainer.default_root_dir", str(out / "run"),
+                         *(QUICK_OVERRIDES + QUICK_FIT if args.quick else []), *overrides], run=False)
+    cli.model = DiffusionModel.load_from_checkpoint(args.ckpt, map_location="cpu")
+    state = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    return cli, {"kind": "train", "skipped": True, "checkpoint": str(Path(args.ckpt).resolve()),
+                 "steps": state.get("global_step"), "ema": "averaging_state" in state}
+
+
+def score(cli, args, emit, out: Path) -> tuple[list[dict], dict]:
+    """FID of each sampler and of the held-out floor; one record each."""
+    from diffusion import evaluation as ev
+    from diffusion.callbacks import FIDEvaluation
+    from diffusion.cli import save_grid
+    from diffusion.progress import progress_bars
+
+    trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+    device = trainer.strategy.root_device
+    model.to(device).eval()
+    model.apply_memory_format(device)
+    fid = next((c for c in trainer.callbacks if isinstance(c, FIDEvaluation)), None) or FIDEvaluation()
+    features, reason = resolve_fid_weights(fid, args.fid_weights, device.type)
+    if reason:
+        from diffusion.errors import ConfigError
+
+        raise ConfigError(f"Cannot score: {reason}.")
+    cache = Path(args.fid_cache) if args.fid_cache else fid.cache_dir
+    batch = args.sample_batch_size or fid.batch_size
+    T = model.schedule.num_timesteps
+    specs = ev.parse_samplers(args.sampler_list, T)
+    dm.setup("fit")
+    bars = progress_bars(enabled=trainer.progress_bar_callback is not None)
+    metric = ev.make_fid(fid.feature_extractor, fid.weights_path).to(device)
+    start = time.perf_counter()
+    path, hit = ev.ensure_real_stats(metric, dm.reference_set("train"), ev.stats_key(dm, "train", fid.feature_extractor,
+                                     fid.weights_path), cache, args.num_real or None, batch, device, progress=bars)
+    common = {"num_samples": args.num_samples, "num_real": int(metric.real_features_num_samples), "features": features}
+    emit({"kind": "reference", **common, "seconds": time.perf_counter() - start, "cache_hit": hit, "cache": str(path)})
+    shape = (model.net.in_channels, model.net.image_size, model.net.image_size)
+    precision = trainer.precision_plugin.forward_context
+    results, ddpm = [], None
+    for spec in specs:
+        def sample(x_T, generator, indices, spec=spec):
+            with precision():
+                return model.sample(len(indices), sampler=spec.name, steps=spec.steps, x_T=x_T, generator=generator,
+                                    labels=ev.class_labels(indices, model.num_classes), guidance=spec.guidance)
+
+        start = time.perf_counter()
+        value, sampling, images = ev.fid_of_samples(metric, sample, args.num_samples, shape, args.seed, batch, device,
+                                                    keep=args.grid, progress=bars, desc=f"FID {spec.key}")
+        sync(device)
+        total = time.perf_counter() - start
+        if args.grid:
+            save_grid(images, out / f"samples-{spec.key}.png")
+        if spec.name == "ddpm" and spec.guidance is None:
+            ddpm = value
+        record = {"kind": "sampler", "spec": spec.text, "key": spec.key, "sampler": spec.name, "steps": spec.steps,
+                  "guidance": spec.guidance, "fid": value, "ratio_to_ddpm": value / ddpm if ddpm else None,
+                  "sampling_seconds": sampling, "inception_seconds": total - sampling,
+                  "images_per_s": args.num_samples / sampling if sampling > 0 else None, **common}
+        emit(record)
+        results.append(record)
+    for record in results:  # DDPM may come after some samplers in --samplers
+        record["ratio_to_ddpm"] = record["fid"] / ddpm if ddpm else None
+    start = time.perf_counter()
+    held_out = dm.reference_set("test")
+    floor = ev.fid_of_dataset(metric, held_out, args.num_samples, batch, device, cache,
+                              ev.stats_key(dm, "test", fid.feature_extractor, fid.weights_path), progress=bars)
+    floor_record = {"kind": "floor", "fid": floor, "held_out_images": min(len(held_out), args.num_samples),
+                    "seconds": time.perf_counter() - start, **common}
+    emit(floor_record)
+    return results, floor_record
+
+
+def markdown(config: str, train_record: dict, results: list[dict], floor: dict, device: str) -> str:
+    if train_record.get("skipped"):
+        head = f"`{config}`, checkpoint {train_record['checkpoint']} ({train_record['steps']} steps)"
+    else:
+        head = (f"`{config}`, trained {train_record['train_seconds'] / 60:.1f} min (budget {train_record['minutes']:g}) on "
+                f"{device}: {train_record['steps']:,} steps at batch {train_record['global_batch']}, "
+                f"{fmt(train_record['images_per_s'])} training images/s")
+    ddpm = next((r["spec"] for r in results if r["sampler"] == "ddpm" and r["guidance"] is None), "DDPM")
+    lines = [head + f"; FID of {floor['num_samples']:,} samples against {floor['num_real']:,} training images", "",
+             f"| sampler | FID | x {ddpm} | sampling s | images/s |", "|---|---|---|---|---|"]
+    for r in results:
+        ratio = "-" if r["ratio_to_ddpm"] is None else f"{r['ratio_to_ddpm']:.2f}"
+        lines.append(f"| {r['spec']} | {r['fid']:.2f} | {ratio} | {r['sampling_seconds']:.1f} | {fmt(r['images_per_s'])} |")
+    lines.append(f"| held-out data ({floor['held_out_images']:,} images): the floor | {floor['fid']:.2f} | - | - | - |")
+    return "\n".join(lines)
+
+
+def readable(r: dict[str, Any]) -> str:
+    kind = r["kind"]
+    head = f"{kind:<9} "
+    if kind == "env":
+        return head + f"{r['device_name']} | torch {r['torch']}, lightning {r['lightning']} | {r['config']} | git {r['git']}"
+    if kind == "train":
+        if r.get("skipped"):
+            return head + f"skipped: scoring {r['checkpoint']} ({r['steps']} steps)"
+        return head + (f"{r['steps']:,} steps in {r['train_seconds']:.0f} s ({fmt(r['images_per_s'])} images/s at batch "
+                       f"{r['global_batch']}, {r['precision']}), {r['wall_seconds']:.0f} s with start-up")
+    if kind == "reference":
+        return head + f"{r['num_real']:,} training images' statistics in {r['seconds']:.1f} s ({'cached' if r['cache_hit'] else 'computed'})"
+    if kind == "sampler":
+        ratio = "" if r["ratio_to_ddpm"] is None else f", {r['ratio_to_ddpm']:.2f}x DDPM"
+        return head + (f"{r['spec']:<10} FID {r['fid']:.2f}{ratio} | sampling {r['sampling_seconds']:.1f} s, Inception "
+                       f"{r['inception_seconds']:.1f} s")
+    if kind == "floor":
+        return head + f"held-out {r['held_out_images']:,} images: FID {r['fid']:.2f} ({r['seconds']:.1f} s)"
+    if kind == "summary":
+        return "\n" + r["markdown"]
+    return head + json.dumps(r)
+
+
+def run(args, overrides: list[str], emit: Emitter) -> None:
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # Lightning's prints must not mix with the records
+        cli, train_record = (load if args.ckpt else train)(args, overrides, out)
+        device = cli.trainer.strategy.root_device
+        emit({"kind": "env", "device_name": device_name(device), **software(), "config": args.config,
+              "overrides": (QUICK_OVERRIDES if args.quick else []) + overrides, "quick": args.quick,
+              "threads": torch.get_num_threads(), "seed": args.seed,
+              "parameters": sum(p.numel() for p in cli.model.parameters())})
+        emit(train_record)
+        results, floor = score(cli, args, emit, out)
+    table = markdown(args.config, train_record, results, floor, device_name(device))
+    (out / "table.md").write_text(table + "\n")
+    emit({"kind": "summary", "config": args.config, "steps": train_record.get("steps"),
+          "images_per_s": train_record.get("images_per_s"), "num_samples": args.num_samples,
+          "num_real": floor["num_real"], "floor": floor["fid"], "fid": {r["key"]: r["fid"] for r in results},
+          "ratio_to_ddpm": {r["key"]: r["ratio_to_ddpm"] for r in results}, "seconds": time.perf_counter() - started,
+          "out": str(out), "markdown": table})
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args, overrides = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    emit = Emitter(args.json, out / "results.jsonl", sys.stdout, readable)
+    return guarded_main(lambda: run(args, overrides, emit))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
