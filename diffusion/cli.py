@@ -231,7 +231,7 @@ class DiffusionCLI(LightningCLI):
         """x_T for ``sample --interpolate``: one slerp strip between two seeded noises per row, and the labels."""
         if num < 2:
             raise ConfigError(f"--interpolate needs at least 2 images (both endpoints), got {num}.")
-        name = sampler or model.hparams.sample_sampler
+        name = model.hparams.sample_sampler if sampler is None else sampler
         eta = model.hparams.sample_eta if eta is None else eta
         if name == "ddpm" or (name == "ddim" and eta):
             raise ConfigError(

@@ -334,15 +334,15 @@ class DiffusionModel(LightningModule):
         ``labels`` (a class-conditional model only): one label, or one per image; default: the classes in turn.
         ``guidance``: the classifier-free guidance scale w (default ``sample_guidance``).
         """
-        sampler = sampler or self.hparams.sample_sampler
+        # None means "not given": 0 steps must reach make_timesteps and be refused there, not become the default.
+        sampler = self.hparams.sample_sampler if sampler is None else sampler
         fn = get_sampler(sampler)
         T = self.schedule.num_timesteps
-        if sampler == "ddpm":
-            timesteps = make_timesteps(T, steps or T)
-        else:
-            timesteps = make_timesteps(T, steps or self.hparams.sample_steps)
-            if sampler == "ddim":
-                options.setdefault("eta", self.hparams.sample_eta if eta is None else eta)
+        if steps is None:
+            steps = T if sampler == "ddpm" else self.hparams.sample_steps
+        timesteps = make_timesteps(T, steps)
+        if sampler == "ddim":
+            options.setdefault("eta", self.hparams.sample_eta if eta is None else eta)
         options.setdefault("clip_x0", self.hparams.clip_x0)
         if generator is None:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -106,6 +106,9 @@ def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path):
         (["sample", "--ckpt_path", "missing.ckpt"], "Checkpoint not found: missing.ckpt"),
         (["sample", "--ckpt_path", "CORRUPT", "--num_samples", "2"], "Cannot read checkpoint"),
         (["sample", "--ckpt_path", "LAST", "--sampler", "ddpm", "--steps", "50"], "all 1000 consecutive timesteps"),
+        # 0 is a number of steps, not "not given": refused like 5000, not replaced by the default.
+        (["sample", "--ckpt_path", "LAST", "--sampler", "ddim", "--steps", "0"],
+         "steps must be between 1 and the schedule's 1000 timesteps, got 0"),
     ],
 )
 def test_bad_input_fails_with_a_message(args, message, fitted, tmp_path):
