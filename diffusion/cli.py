@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,6 +20,7 @@ from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from PIL import Image
 from torchvision.utils import save_image
 
 from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, TimestepDiagnostics
@@ -71,6 +73,28 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C], rounded (not truncated)."""
     x = images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def check_output_path(out: str | Path) -> Path:
+    """``out`` as a path the sample grid can be written to; checked before sampling, which can take minutes."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder: give a file name, e.g. --out {path / 'samples.png'}.")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ConfigError(
+            f"--out {path}: PIL cannot tell an image format from {path.suffix or 'no extension'!r}; end it in .png."
+        )
+    fix = "Pass --out a file in a folder that exists or can be created, and that you can write to."
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        reason = f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
+        raise ConfigError(f"Cannot write samples to {path} ({reason}). {fix}") from e
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"Cannot write samples to {path}: the file is read-only. {fix}")
+    return path
 
 
 def on_gpu(accelerator) -> bool:
@@ -190,6 +214,7 @@ class DiffusionCLI(LightningCLI):
         """
         if num_samples < 1 or batch_size < 1:
             raise ConfigError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}.")
+        out = check_output_path(out)
         load_weights(model, ckpt_path)
         num_classes = model.num_classes
         nrow = None

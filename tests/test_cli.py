@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -5,8 +7,8 @@ from PIL import Image
 
 from conftest import CONFIGS, ROOT
 from conftest import run_cli as cli
-from diffusion.cli import load_weights
-from diffusion.errors import CheckpointError
+from diffusion.cli import check_output_path, load_weights
+from diffusion.errors import CheckpointError, ConfigError
 from diffusion.unet import UNet
 from wandb_offline import read_run
 
@@ -109,16 +111,38 @@ def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path):
         # 0 is a number of steps, not "not given": refused like 5000, not replaced by the default.
         (["sample", "--ckpt_path", "LAST", "--sampler", "ddim", "--steps", "0"],
          "steps must be between 1 and the schedule's 1000 timesteps, got 0"),
+        (["sample", "--ckpt_path", "LAST", "--out", "NOT_A_FOLDER/grid.png"],
+         "Cannot write samples to NOT_A_FOLDER/grid.png"),
     ],
 )
 def test_bad_input_fails_with_a_message(args, message, fitted, tmp_path):
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(last_ckpt(fitted).read_bytes()[:5000])  # a checkpoint cut off mid-write
-    args = [{"CORRUPT": corrupt, "LAST": last_ckpt(fitted)}.get(a, a) for a in args]
+    (tmp_path / "file").write_text("a file where the output folder should be")
+    names = {"CORRUPT": str(corrupt), "LAST": str(last_ckpt(fitted)), "NOT_A_FOLDER": str(tmp_path / "file")}
+
+    def fill(text):
+        for name, value in names.items():
+            text = text.replace(name, value)
+        return text
+
+    args, message = [fill(a) for a in args], fill(message)
     proc = cli(args[0], "--config", TINY, *args[1:], "--trainer.default_root_dir", tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_output_path_is_checked_before_sampling(tmp_path):
+    nested = tmp_path / "new" / "deeper" / "s.png"
+    assert check_output_path(nested) == nested and nested.parent.is_dir() and not nested.exists()
+    with pytest.raises(ConfigError, match="is a folder: give a file name"):
+        check_output_path(tmp_path)
+    with pytest.raises(ConfigError, match="cannot tell an image format from 'no extension'"):
+        check_output_path(tmp_path / "samples")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConfigError, match=re.escape(f"Cannot write samples to {tmp_path / 'file' / 'a' / 's.png'} (")):
+        check_output_path(tmp_path / "file" / "a" / "s.png")
 
 
 def test_checkpoint_of_another_model_is_refused(fitted):
