@@ -16,10 +16,11 @@ from typing import Optional
 
 import numpy as np
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torchvision.utils import save_image
 
@@ -28,6 +29,9 @@ from diffusion.data import DiffusionDataModule
 from diffusion.module import DiffusionModel, state_dict_mismatch
 from diffusion.samplers import slerp
 from diffusion.errors import CheckpointError, ConfigError, find_user_error
+
+# The model's hyperparameters that its weights depend on: with --ckpt_path the checkpoint's values stand.
+WEIGHT_HPARAMS = ("net", "schedule", "num_timesteps", "beta_start", "beta_end", "prediction")
 
 
 def unreadable_checkpoint(path, error: Exception) -> CheckpointError:
@@ -97,6 +101,29 @@ def check_output_path(out: str | Path) -> Path:
     return path
 
 
+def command_line_model_keys(args: list[str], config: Namespace) -> dict[str, str]:
+    """``--model.X v`` and ``--model.X=v`` arguments of a command line: {key in the config: flag as typed}.
+    jsonargparse takes ``--model.lr`` for ``--model.init_args.lr``; keys are resolved to the stored form."""
+    keys = {}
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--model."):
+            continue
+        key, node = [], config
+        for part in flag[2:].split("."):
+            if isinstance(node, Namespace) and part not in node and isinstance(node.get("init_args"), Namespace) \
+                    and part in node.init_args:
+                key.append("init_args")
+                node = node.init_args
+            if not isinstance(node, Namespace) or part not in node:
+                break
+            key.append(part)
+            node = node[part]
+        else:
+            keys[".".join(key)] = flag
+    return keys
+
+
 def on_gpu(accelerator) -> bool:
     """Whether the Trainer will run on a CUDA GPU with this accelerator setting."""
     name = accelerator if isinstance(accelerator, str) or accelerator is None else type(accelerator).__name__.lower()
@@ -114,6 +141,7 @@ class DiffusionCLI(LightningCLI):
             {"logger": {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"offline": True, "project": "diffusion"}}},
         )
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        self._command_line: list[str] = []
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -132,14 +160,46 @@ class DiffusionCLI(LightningCLI):
             self._subcommand_parsers[name] = sub_parser
             subcommands.add_subcommand(name, sub_parser, help=description)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # Kept to tell the arguments given on the command line from those of config files (see _parse_ckpt_path).
+        if not isinstance(args, (dict, Namespace)):
+            self._command_line = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads --ckpt_path's hyperparameters before anything else; make a bad file say so.
+        # LightningCLI reads --ckpt_path's hyperparameters over the whole model config, command line included;
+        # make a bad file say so, and give explicit --model arguments back their say where the weights allow.
+        subcommand = self.config.get("subcommand")
+        given = self.config[subcommand].clone() if subcommand else None
         try:
             super()._parse_ckpt_path()
         except (SystemExit, KeyboardInterrupt):
             raise
         except Exception as e:
             raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), e) from e
+        if given is not None and given.get("ckpt_path"):
+            self._apply_command_line_model_args(given, self.config[subcommand])
+
+    def _apply_command_line_model_args(self, given: Namespace, config: Namespace) -> None:
+        """Command-line ``--model...`` values over the checkpoint's, except those its weights depend on, which are
+        ignored with one warning. Values from --config files are not reapplied: a checkpoint loaded with another
+        recipe's config rebuilds its own model."""
+        ignored = []
+        for key, flag in command_line_model_keys(self._command_line, given).items():
+            mine, theirs = given.get(key), config.get(key)
+            if mine == theirs:
+                continue
+            rest = key.split(".")[1:]
+            if rest[:1] != ["init_args"] or len(rest) < 2 or rest[1] in WEIGHT_HPARAMS:
+                ignored.append(f"{flag} {mine} (the checkpoint's: {theirs})")
+            else:
+                config[key] = mine
+        if ignored:
+            rank_zero_warn(
+                f"Ignored {'; '.join(ignored)}: the checkpoint's weights were trained with its own values of these "
+                "settings, which are used instead. Drop these arguments, or train a new model to change them.",
+                category=UserWarning,
+            )
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand != "sample":

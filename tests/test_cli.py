@@ -3,12 +3,14 @@ import re
 import numpy as np
 import pytest
 import torch
+from jsonargparse import Namespace
 from PIL import Image
 
 from conftest import CONFIGS, ROOT
 from conftest import run_cli as cli
-from diffusion.cli import check_output_path, load_weights
+from diffusion.cli import check_output_path, command_line_model_keys, load_weights, save_grid
 from diffusion.errors import CheckpointError, ConfigError
+from diffusion.module import DiffusionModel
 from diffusion.unet import UNet
 from wandb_offline import read_run
 
@@ -143,6 +145,35 @@ def test_output_path_is_checked_before_sampling(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(ConfigError, match=re.escape(f"Cannot write samples to {tmp_path / 'file' / 'a' / 's.png'} (")):
         check_output_path(tmp_path / "file" / "a" / "s.png")
+
+
+def test_command_line_model_keys_are_resolved_to_the_config_form():
+    unet = Namespace(class_path="diffusion.UNet", init_args=Namespace(base_channels=16))
+    config = Namespace(model=Namespace(class_path="diffusion.DiffusionModel", init_args=Namespace(lr=1.0, net=unet)))
+    args = ["fit", "--config", "x.yaml", "--model.lr", "2", "--model.init_args.net.init_args.base_channels=8",
+            "--model.init_args.unknown", "1", "--data.init_args.batch_size", "4"]
+    assert command_line_model_keys(args, config) == {
+        "model.init_args.lr": "--model.lr",  # jsonargparse's short form
+        "model.init_args.net.init_args.base_channels": "--model.init_args.net.init_args.base_channels",
+    }
+
+
+def test_sample_takes_model_arguments_over_the_checkpoint_where_the_weights_allow(fitted, tmp_path):
+    ckpt = last_ckpt(fitted)
+    out = tmp_path / "s.png"
+    proc = cli("sample", "--config", TINY, "--ckpt_path", ckpt, "--num_samples", 4, "--seed", 3, "--sampler", "ddim",
+               "--eta", 0.0, "--out", out, "--model.init_args.net.init_args.base_channels", 32,
+               "--model.init_args.sample_steps=3")
+    # The net's width is the checkpoint's (the weights fix it): ignored, with a warning naming it and both values.
+    warning = " ".join(proc.stderr.split())
+    assert "Ignored --model.init_args.net.init_args.base_channels 32 (the checkpoint's: 16)" in warning
+    assert "sample_steps" not in proc.stderr
+    # sample_steps is a sampling default: the command line's 3 is used, not the checkpoint's 10.
+    model = DiffusionModel.load_from_checkpoint(ckpt, map_location="cpu")
+    assert model.hparams.sample_steps == 10
+    expected = model.sample(4, sampler="ddim", steps=3, eta=0.0, generator=torch.Generator().manual_seed(3))
+    save_grid(expected, tmp_path / "expected.png")
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "expected.png")))
 
 
 def test_checkpoint_of_another_model_is_refused(fitted):
