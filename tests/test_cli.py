@@ -1,14 +1,20 @@
+import json
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from jsonargparse import Namespace
 from PIL import Image
 
 from conftest import CONFIGS, ROOT
 from conftest import run_cli as cli
-from diffusion.cli import check_output_path, command_line_model_keys, load_weights, save_grid
+from diffusion.cli import (
+    DiffusionCLI, SaveAndLogConfig, check_output_path, command_line_model_keys, load_weights, save_grid,
+)
 from diffusion.errors import CheckpointError, ConfigError
 from diffusion.module import DiffusionModel
 from diffusion.unet import UNet
@@ -44,6 +50,52 @@ def test_fit_writes_checkpoint_config_and_offline_wandb_run_under_root(fitted):
     assert [row["trainer/global_step"] for row in run["history"] if "train/loss" in row] == [4, 9, 14, 19]
     assert run["config"]["net"]["init_args"]["base_channels"] == 16 and run["config"]["dataset"] == "mnist"  # the run's hyperparameters
     assert not (ROOT / "wandb").exists()  # nothing written outside the root
+
+
+def test_fit_logs_the_whole_config_grouped_by_recipe(fitted):
+    run = read_run(fitted)
+    config = run["config"]
+    # The whole parsed config, command line included, beside the model's and the data's hyperparameters.
+    assert config["fid"]["samplers"] == ["ddpm1000", "ddim10", "ddim25", "ddim50"] and config["fid"]["num_samples"] == 16
+    assert config["fid"]["feature_extractor"]["class_path"] == "fid_helpers.TinyFeatures"
+    assert config["trainer"]["precision"] == "32-true" and config["trainer"]["max_steps"] == 20
+    # Callbacks keyed by class name, so that W&B can filter on their arguments (it cannot inside lists).
+    assert config["trainer"]["callbacks"]["EMA"]["init_args"]["decay"] == 0.99
+    assert config["trainer"]["callbacks"]["ModelCheckpoint"]["init_args"]["every_n_train_steps"] == 100
+    summary = {k.removeprefix("run/"): v for k, v in config.items() if k.startswith("run/")}
+    assert summary == {"config_name": "tiny", "seed": 0, "precision": "32-true", "devices": 1, "num_nodes": 1,
+                       "batch_size": 32, "accumulate_grad_batches": 1, "global_batch": 32, "lr": 1e-3,
+                       "ema_decay": 0.99}
+    assert run["run"] == {"name": "tiny", "group": "tiny", "job_type": "fit"}
+
+
+def test_whole_config_reaches_csv_and_tensorboard_loggers(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    monkeypatch.setattr(sys, "argv", ["diffusion"])  # pytest's own arguments are not the CLI's
+    loggers = tmp_path / "loggers.yaml"
+    loggers.write_text(yaml.safe_dump({"trainer": {"logger": [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "csv")}},
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path / "tb")}},
+    ]}}))
+    cli = DiffusionCLI(args=["--config", TINY, "--config", str(loggers)], run=False)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SaveAndLogConfig)]
+    callback.save_config(cli.trainer, cli.model, "fit")
+    for logger in cli.trainer.loggers:
+        logger.save()
+        hparams = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
+        assert hparams["trainer"]["callbacks"]["EMA"]["init_args"]["decay"] == 0.99
+        assert hparams["trainer"]["logger"]["TensorBoardLogger"]["init_args"]["save_dir"] == str(tmp_path / "tb")
+        assert hparams["fid"]["num_real"] == 256 and hparams["run/config_name"] == "loggers"
+        assert hparams["run/ema_decay"] == 0.99 and hparams["run/precision"] == "32-true"
+    # TensorBoard's HParams tab (the first set a run logs): the config, the summary and the model's own.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    events = EventAccumulator(cli.trainer.loggers[1].log_dir)
+    events.Reload()
+    session = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    logged = set(session.session_start_info.hparams)
+    assert {"fid/num_real", "trainer/callbacks/EMA/init_args/decay", "run/ema_decay", "lr"} <= logged
 
 
 def test_fit_logs_fid_per_sampler_timestep_diagnostics_and_sample_grids(fitted):
@@ -92,13 +144,23 @@ def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path):
     cli("sample", "--config", TINY, "--ckpt_path", ckpt, "--num_samples", 4, "--sampler", "ddpm", "--out", tmp_path / "d.png")
     assert (tmp_path / "d.png").is_file()
     out = cli("test", "--config", TINY, "--data.data_dir", mnist_dir, "--ckpt_path", ckpt, "--trainer.limit_test_batches", 2,
-              "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path, *TINY_FID, "--fid.test_num_samples", 24)
+              "--trainer.default_root_dir", tmp_path, *TINY_FID, "--fid.test_num_samples", 24)
     assert "test/loss" in out.stdout
     table = out.stdout[out.stdout.index("FID of 24 samples"):].splitlines()
     assert [line.split()[:2] for line in table[3:7]] == [["ddpm", "1000"], ["ddim", "10"], ["ddim", "25"], ["ddim", "50"]]
     assert table[7].startswith("held-out data (24 images): the floor")
     floor = float(table[7].split()[-3])
     assert all(float(line.split()[2]) > floor for line in table[3:7])  # an untrained model is worse than real data
+    # The same table as a W&B table in the test run, which sits in the recipe's group as a `test` job.
+    run = read_run(tmp_path)
+    assert run["run"]["group"] == "tiny" and run["run"]["job_type"] == "test"
+    (row,) = [r for r in run["history"] if "test/fid_table/_type" in r]
+    assert row["test/fid_table/_type"] == "table-file"
+    logged = json.loads((run["path"].parent / "files" / row["test/fid_table/path"]).read_text())
+    assert logged["columns"] == ["sampler", "steps", "FID", "seconds", "images/s"]
+    assert [r[:2] for r in logged["data"]] == [["ddpm", 1000], ["ddim", 10], ["ddim", 25], ["ddim", 50],
+                                               ["held-out data (24 images): the floor", None]]
+    assert logged["data"][-1][2] == pytest.approx(floor, abs=0.01)
 
 
 @pytest.mark.parametrize(
