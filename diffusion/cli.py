@@ -6,27 +6,36 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from PIL import Image
 from torchvision.utils import save_image
 
 from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, TimestepDiagnostics
 from diffusion.data import DiffusionDataModule
+from diffusion.ema import EMA
 from diffusion.module import DiffusionModel, state_dict_mismatch
 from diffusion.samplers import slerp
 from diffusion.errors import CheckpointError, ConfigError, find_user_error
 from diffusion.progress import StepProgress, close_open_bars, progress_bars
+
+# The model's hyperparameters that its weights depend on: with --ckpt_path the checkpoint's values stand.
+WEIGHT_HPARAMS = ("net", "schedule", "num_timesteps", "beta_start", "beta_end", "prediction")
 
 
 def unreadable_checkpoint(path, error: Exception) -> CheckpointError:
@@ -74,6 +83,138 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def check_output_path(out: str | Path) -> Path:
+    """``out`` as a path the sample grid can be written to; checked before sampling, which can take minutes."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder: give a file name, e.g. --out {path / 'samples.png'}.")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ConfigError(
+            f"--out {path}: PIL cannot tell an image format from {path.suffix or 'no extension'!r}; end it in .png."
+        )
+    fix = "Pass --out a file in a folder that exists or can be created, and that you can write to."
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        reason = f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
+        raise ConfigError(f"Cannot write samples to {path} ({reason}). {fix}") from e
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"Cannot write samples to {path}: the file is read-only. {fix}")
+    return path
+
+
+def config_name(config: Namespace) -> Optional[str]:
+    """The recipe's name: the stem of the last --config file (configs/mnist.yaml -> mnist), None without one."""
+    files = config.get("config") or []
+    return Path(str(files[-1])).stem if files else None
+
+
+def _plain(value: Any) -> Any:
+    """Config values as YAML/JSON types (jsonargparse keeps paths as its own Path objects)."""
+    if isinstance(value, dict):  # without jsonargparse's bookkeeping, e.g. __path__ of a sub-config's file
+        return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("__")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+
+
+def by_class_name(items: list) -> dict:
+    """A list of class_path/init_args entries keyed by class name (``EMA``, ``ModelCheckpoint``, ``_2`` for a
+    repeat), so that dashboards, which filter nested dicts but not lists, can filter on their arguments."""
+    named: dict[str, Any] = {}
+    for item in items:
+        name = str(item.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(item, dict) else str(item)
+        key, n = name, 2
+        while key in named:
+            key, n = f"{name}_{n}", n + 1
+        named[key] = item
+    return named
+
+
+def loggable_config(config: Namespace) -> dict:
+    """The whole parsed config as plain values, trainer callbacks (and a list of loggers) keyed by class name."""
+    plain = _plain(config.clone().as_dict())
+    trainer = plain.get("trainer") or {}
+    for key in ("callbacks", "logger"):
+        if isinstance(trainer.get(key), list):
+            trainer[key] = by_class_name(trainer[key])
+    return plain
+
+
+def run_summary(config: Namespace, trainer: Trainer, pl_module: LightningModule) -> dict:
+    """A flat block to group and compare runs by, read from the running Trainer: devices, precision and batch as
+    resolved (``devices: auto`` on 4 GPUs is 4), not as written."""
+    ema = next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
+    batch = getattr(trainer.datamodule, "batch_size", None)
+    accumulate = trainer.accumulate_grad_batches
+    return {
+        "run/config_name": config_name(config),
+        "run/seed": config.get("seed_everything"),
+        "run/precision": str(trainer.precision),
+        "run/devices": trainer.num_devices,
+        "run/num_nodes": trainer.num_nodes,
+        "run/batch_size": batch,
+        "run/accumulate_grad_batches": accumulate,
+        "run/global_batch": None if batch is None else batch * trainer.world_size * accumulate,
+        "run/lr": pl_module.scaled_lr() if hasattr(pl_module, "scaled_lr") else None,
+        "run/ema_decay": None if ema is None else ema.decay,
+    }
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """Writes config.yaml as LightningCLI does, and logs the whole parsed config to every logger, with a flat
+    ``run/*`` block: Lightning logs only the model's and the data's hyperparameters, which leave out the EMA, the
+    evaluation settings, the precision, the devices and the seed that runs are compared by. Rank 0 only."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not trainer.loggers:
+            return
+        # With the model's and the data's own hyperparameters, which Lightning logs after this: TensorBoard's
+        # HParams tab keeps the first set a run logs.
+        own = {**getattr(pl_module, "hparams_initial", {}), **getattr(trainer.datamodule, "hparams_initial", {})}
+        own.pop("_class_path", None)  # LightningCLI's bookkeeping, left out as Lightning does
+        params = {**own, **loggable_config(self.config), **run_summary(self.config, trainer, pl_module)}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params)
+
+
+def is_wandb(logger: Any) -> bool:
+    """Whether a logger's config entry (class_path/init_args) is a WandbLogger."""
+    module, _, name = str(getattr(logger, "class_path", None) or "").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, WandbLogger)
+
+
+def command_line_model_keys(args: list[str], config: Namespace) -> dict[str, str]:
+    """``--model.X v`` and ``--model.X=v`` arguments of a command line: {key in the config: flag as typed}.
+    jsonargparse takes ``--model.lr`` for ``--model.init_args.lr``; keys are resolved to the stored form."""
+    keys = {}
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--model."):
+            continue
+        key, node = [], config
+        for part in flag[2:].split("."):
+            if isinstance(node, Namespace) and part not in node and isinstance(node.get("init_args"), Namespace) \
+                    and part in node.init_args:
+                key.append("init_args")
+                node = node.init_args
+            if not isinstance(node, Namespace) or part not in node:
+                break
+            key.append(part)
+            node = node[part]
+        else:
+            keys[".".join(key)] = flag
+    return keys
+
+
 def on_gpu(accelerator) -> bool:
     """Whether the Trainer will run on a CUDA GPU with this accelerator setting."""
     name = accelerator if isinstance(accelerator, str) or accelerator is None else type(accelerator).__name__.lower()
@@ -90,7 +231,9 @@ class DiffusionCLI(LightningCLI):
             "trainer_defaults",
             {"logger": {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"offline": True, "project": "diffusion"}}},
         )
+        kwargs.setdefault("save_config_callback", SaveAndLogConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        self._command_line: list[str] = []
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -109,14 +252,46 @@ class DiffusionCLI(LightningCLI):
             self._subcommand_parsers[name] = sub_parser
             subcommands.add_subcommand(name, sub_parser, help=description)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # Kept to tell the arguments given on the command line from those of config files (see _parse_ckpt_path).
+        if not isinstance(args, (dict, Namespace)):
+            self._command_line = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads --ckpt_path's hyperparameters before anything else; make a bad file say so.
+        # LightningCLI reads --ckpt_path's hyperparameters over the whole model config, command line included;
+        # make a bad file say so, and give explicit --model arguments back their say where the weights allow.
+        subcommand = self.config.get("subcommand")
+        given = self.config[subcommand].clone() if subcommand else None
         try:
             super()._parse_ckpt_path()
         except (SystemExit, KeyboardInterrupt):
             raise
         except Exception as e:
             raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), e) from e
+        if given is not None and given.get("ckpt_path"):
+            self._apply_command_line_model_args(given, self.config[subcommand])
+
+    def _apply_command_line_model_args(self, given: Namespace, config: Namespace) -> None:
+        """Command-line ``--model...`` values over the checkpoint's, except those its weights depend on, which are
+        ignored with one warning. Values from --config files are not reapplied: a checkpoint loaded with another
+        recipe's config rebuilds its own model."""
+        ignored = []
+        for key, flag in command_line_model_keys(self._command_line, given).items():
+            mine, theirs = given.get(key), config.get(key)
+            if mine == theirs:
+                continue
+            rest = key.split(".")[1:]
+            if rest[:1] != ["init_args"] or len(rest) < 2 or rest[1] in WEIGHT_HPARAMS:
+                ignored.append(f"{flag} {mine} (the checkpoint's: {theirs})")
+            else:
+                config[key] = mine
+        if ignored:
+            rank_zero_warn(
+                f"Ignored {'; '.join(ignored)}: the checkpoint's weights were trained with its own values of these "
+                "settings, which are used instead. Drop these arguments, or train a new model to change them.",
+                category=UserWarning,
+            )
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand != "sample":
@@ -139,16 +314,27 @@ class DiffusionCLI(LightningCLI):
         # Precision left unset: bf16 mixed precision on a GPU (the schedule and samplers stay fp32), fp32 elsewhere.
         if config.trainer.get("precision") is None:
             config.trainer.precision = "bf16-mixed" if on_gpu(config.trainer.get("accelerator")) else "32-true"
-        # Keep everything a run writes under --trainer.default_root_dir, W&B's offline files included: a
-        # logger's save_dir left at its default ('.' or None) follows default_root_dir.
-        root = config.trainer.default_root_dir
-        if not root:
-            return
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        root = config.trainer.default_root_dir
         for logger in loggers:
             init_args = getattr(logger, "init_args", None)
-            if init_args is not None and init_args.get("save_dir") in (None, ".", "./"):
+            if init_args is None:
+                continue
+            # Keep everything a run writes under --trainer.default_root_dir, W&B's offline files included: a
+            # logger's save_dir left at its default ('.' or None) follows default_root_dir.
+            if root and init_args.get("save_dir") in (None, ".", "./"):
                 init_args.save_dir = root
+            if is_wandb(logger):
+                self._group_wandb_run(init_args, config)
+
+    def _group_wandb_run(self, init_args: Namespace, config: Namespace) -> None:
+        """W&B's group is the recipe (the config file's name) and its job_type the subcommand, unless the logger's
+        arguments or W&B's variables set them; jsonargparse lists wandb.init's parameters, which WandbLogger takes
+        as **kwargs, among its init_args (without them, W&B's defaults stay)."""
+        defaults = {"group": (config_name(config), "WANDB_RUN_GROUP"), "job_type": (self.subcommand, "WANDB_JOB_TYPE")}
+        for key, (value, variable) in defaults.items():
+            if value and key in init_args and init_args.get(key) is None and not os.environ.get(variable):
+                init_args[key] = value
 
     def sample(
         self,
@@ -191,6 +377,7 @@ class DiffusionCLI(LightningCLI):
         """
         if num_samples < 1 or batch_size < 1:
             raise ConfigError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}.")
+        out = check_output_path(out)
         load_weights(model, ckpt_path)
         num_classes = model.num_classes
         nrow = None
@@ -234,7 +421,7 @@ class DiffusionCLI(LightningCLI):
         """x_T for ``sample --interpolate``: one slerp strip between two seeded noises per row, and the labels."""
         if num < 2:
             raise ConfigError(f"--interpolate needs at least 2 images (both endpoints), got {num}.")
-        name = sampler or model.hparams.sample_sampler
+        name = model.hparams.sample_sampler if sampler is None else sampler
         eta = model.hparams.sample_eta if eta is None else eta
         if name == "ddpm" or (name == "ddim" and eta):
             raise ConfigError(

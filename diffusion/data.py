@@ -12,6 +12,8 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -92,8 +95,36 @@ def load_cifar10(data_dir: Path, train: bool) -> tuple[Tensor, Tensor]:
     return torch.cat(images), torch.cat(labels)
 
 
-def find_images(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    """Image files under ``root``; one class per sub-folder (all 0 when the images sit in ``root`` itself)."""
+def image_problem(path: Path) -> Optional[str]:
+    """Why PIL cannot read ``path``, or None. Reads the header and walks the file's structure (``verify``: PNG
+    chunks and their checksums, so a truncated file is caught too) without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as e:  # PIL raises many types for broken files: SyntaxError, OSError, struct.error, ...
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def unreadable_images(files: list[Path], workers: int = 8) -> dict[Path, str]:
+    """The files of ``files`` that PIL cannot read, with the reason. Threads, because on network storage the
+    check waits on the file system rather than on the CPU."""
+
+    def check(chunk: list[Path]) -> list[tuple[Path, Optional[str]]]:
+        return [(p, image_problem(p)) for p in chunk]
+
+    chunks = [files[i : i + 256] for i in range(0, len(files), 256)]
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(chunks)))) as pool:
+        return {p: why for results in pool.map(check, chunks) for p, why in results if why is not None}
+
+
+def find_images(root: Path, skip_bad: bool = False) -> tuple[list[Path], list[int], list[str]]:
+    """Image files under ``root``; one class per sub-folder (all 0 when the images sit in ``root`` itself).
+
+    Every file is checked now (``image_problem``), so that a corrupt image stops the run before training rather
+    than when the loader reaches it, hours in: all bad files are reported at once, or with ``skip_bad`` left
+    out with one warning.
+    """
     if not root.is_dir():
         raise DataError(f"Image folder {root} does not exist: set --data.data_dir to a folder of images.")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -102,6 +133,23 @@ def find_images(root: Path) -> tuple[list[Path], list[int], list[str]]:
             f"No images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}): put images there, "
             "or point --data.data_dir at the right folder."
         )
+    start = time.perf_counter()
+    bad = unreadable_images(files)
+    rank_zero_info(f"Checked {len(files)} images under {root} in {time.perf_counter() - start:.1f} s.")
+    if bad:
+        shown = 20
+        listing = "".join(f"\n  {p}: {why}" for p, why in list(bad.items())[:shown])
+        more = f"\n  ... and {len(bad) - shown} more" if len(bad) > shown else ""
+        summary = f"{len(bad)} of {len(files)} images under {root} cannot be read:{listing}{more}\n"
+        if len(bad) == len(files):
+            raise DataError(summary + "None is readable: check that --data.data_dir points at your images.")
+        if not skip_bad:
+            raise DataError(
+                summary + "Remove or replace them, or set `skip_bad_images: true` under data.init_args "
+                "(--data.init_args.skip_bad_images true) to train without them."
+            )
+        rank_zero_warn(summary + "Training without them (skip_bad_images: true).", category=UserWarning)
+        files = [p for p in files if p not in bad]
     classes = sorted({p.parent.relative_to(root).parts[0] if p.parent != root else "" for p in files})
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[p.parent.relative_to(root).parts[0] if p.parent != root else ""] for p in files]
@@ -268,6 +316,8 @@ class DiffusionDataModule(LightningDataModule):
         device_resident: hold the training split on the training device and make batches and flips there
             (no DataLoader workers, no host-to-device copies); for in-memory data sets (MNIST, Fashion-MNIST,
             CIFAR-10). None: on when training on a GPU with such a data set.
+        skip_bad_images: ``folder`` only: every image is checked when the data is set up; by default any that
+            PIL cannot read stop the run with the list of them, with ``true`` they are left out with a warning.
     """
 
     def __init__(
@@ -284,6 +334,7 @@ class DiffusionDataModule(LightningDataModule):
         predict_samples: int = 64,
         seed: int = 0,
         device_resident: Optional[bool] = None,
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__()
         if device_resident and dataset == "folder":
@@ -310,8 +361,9 @@ class DiffusionDataModule(LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_fraction, self.random_flip, self.download = val_fraction, random_flip, download
         self.predict_samples, self.seed = predict_samples, seed
-        self.device_resident = device_resident
+        self.device_resident, self.skip_bad_images = device_resident, skip_bad_images
         self.classes: list[str] = []
+        self._folder: Optional[tuple[list[Path], list[int], list[str]]] = None  # checked once, used by every split
         self._sampler: Optional[ResumableSampler] = None
         self._epoch: Optional[int] = None
         self._epoch_first_step = 0
@@ -348,7 +400,9 @@ class DiffusionDataModule(LightningDataModule):
 
     def _split(self, train: bool, random_flip: bool) -> Dataset:
         if self.dataset == "folder":
-            files, labels, self.classes = find_images(self.data_dir)
+            if self._folder is None:
+                self._folder = find_images(self.data_dir, self.skip_bad_images)
+            files, labels, self.classes = self._folder
             return FolderImages(files, labels, self.image_size, self.channels, random_flip)
         images, labels = self._load_arrays(train)
         if self.dataset == "cifar10":

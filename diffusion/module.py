@@ -291,6 +291,32 @@ class DiffusionModel(LightningModule):
         ratio = batch * trainer.world_size * trainer.accumulate_grad_batches / self.hparams.lr_reference_batch
         return lr * (ratio if how == "linear" else ratio**0.5)
 
+    def on_train_start(self) -> None:
+        # Resuming loads the checkpoint's optimizer and warm-up state (learning rate, weight decay, betas, warm-up
+        # length) over the configured ones. The configuration wins, so that resuming with another
+        # --model.init_args.lr (what the NaN message suggests) or warm-up takes effect; the step count, Adam's
+        # moments and the position in the warm-up stay the checkpoint's.
+        if self.trainer.ckpt_path is None:
+            return
+        optimizers, schedulers = self.trainer.optimizers, self.trainer.lr_scheduler_configs
+        scheduler = schedulers[0].scheduler if len(schedulers) == 1 else None
+        warmup = isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and all(
+            isinstance(f, _Warmup) for f in scheduler.lr_lambdas
+        )
+        ours = len(optimizers) == 1 and isinstance(optimizers[0], torch.optim.AdamW)
+        if not ours or len(optimizers[0].param_groups) != 2 or (schedulers and not warmup):
+            return  # not configure_optimizers' (e.g. the CLI's --optimizer): their own settings stand
+        lr, factor = self.scaled_lr(), 1.0
+        if warmup:
+            for f in scheduler.lr_lambdas:
+                f.steps = self.hparams.warmup_steps
+            scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+            factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        for group, weight_decay in zip(optimizers[0].param_groups, (self.hparams.weight_decay, 0.0)):
+            group.update(lr=lr * factor, weight_decay=weight_decay, betas=tuple(self.hparams.betas))
+            if warmup:
+                group["initial_lr"] = lr
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The CLI links image size and channels from the data, and links are not part of the saved config;
         # record them so that `DiffusionModel.load_from_checkpoint(path)` alone rebuilds the same network.
@@ -335,15 +361,15 @@ class DiffusionModel(LightningModule):
         ``guidance``: the classifier-free guidance scale w (default ``sample_guidance``).
         ``options`` go to the sampler (``clip_x0``, ``eta``, ``progress``: e.g. ``tqdm``, one item per network call).
         """
-        sampler = sampler or self.hparams.sample_sampler
+        # None means "not given": 0 steps must reach make_timesteps and be refused there, not become the default.
+        sampler = self.hparams.sample_sampler if sampler is None else sampler
         fn = get_sampler(sampler)
         T = self.schedule.num_timesteps
-        if sampler == "ddpm":
-            timesteps = make_timesteps(T, steps or T)
-        else:
-            timesteps = make_timesteps(T, steps or self.hparams.sample_steps)
-            if sampler == "ddim":
-                options.setdefault("eta", self.hparams.sample_eta if eta is None else eta)
+        if steps is None:
+            steps = T if sampler == "ddpm" else self.hparams.sample_steps
+        timesteps = make_timesteps(T, steps)
+        if sampler == "ddim":
+            options.setdefault("eta", self.hparams.sample_eta if eta is None else eta)
         options.setdefault("clip_x0", self.hparams.clip_x0)
         if generator is None:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -1,12 +1,22 @@
+import json
+import re
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
+from jsonargparse import Namespace
 from PIL import Image
 
 from conftest import CONFIGS, ROOT
 from conftest import run_cli as cli
-from diffusion.cli import load_weights
-from diffusion.errors import CheckpointError
+from diffusion.cli import (
+    DiffusionCLI, SaveAndLogConfig, check_output_path, command_line_model_keys, load_weights, save_grid,
+)
+from diffusion.errors import CheckpointError, ConfigError
+from diffusion.module import DiffusionModel
 from diffusion.unet import UNet
 from wandb_offline import read_run
 
@@ -40,6 +50,52 @@ def test_fit_writes_checkpoint_config_and_offline_wandb_run_under_root(fitted):
     assert [row["trainer/global_step"] for row in run["history"] if "train/loss" in row] == [4, 9, 14, 19]
     assert run["config"]["net"]["init_args"]["base_channels"] == 16 and run["config"]["dataset"] == "mnist"  # the run's hyperparameters
     assert not (ROOT / "wandb").exists()  # nothing written outside the root
+
+
+def test_fit_logs_the_whole_config_grouped_by_recipe(fitted):
+    run = read_run(fitted)
+    config = run["config"]
+    # The whole parsed config, command line included, beside the model's and the data's hyperparameters.
+    assert config["fid"]["samplers"] == ["ddpm1000", "ddim10", "ddim25", "ddim50"] and config["fid"]["num_samples"] == 16
+    assert config["fid"]["feature_extractor"]["class_path"] == "fid_helpers.TinyFeatures"
+    assert config["trainer"]["precision"] == "32-true" and config["trainer"]["max_steps"] == 20
+    # Callbacks keyed by class name, so that W&B can filter on their arguments (it cannot inside lists).
+    assert config["trainer"]["callbacks"]["EMA"]["init_args"]["decay"] == 0.99
+    assert config["trainer"]["callbacks"]["ModelCheckpoint"]["init_args"]["every_n_train_steps"] == 100
+    summary = {k.removeprefix("run/"): v for k, v in config.items() if k.startswith("run/")}
+    assert summary == {"config_name": "tiny", "seed": 0, "precision": "32-true", "devices": 1, "num_nodes": 1,
+                       "batch_size": 32, "accumulate_grad_batches": 1, "global_batch": 32, "lr": 1e-3,
+                       "ema_decay": 0.99}
+    assert run["run"] == {"name": "tiny", "group": "tiny", "job_type": "fit"}
+
+
+def test_whole_config_reaches_csv_and_tensorboard_loggers(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    monkeypatch.setattr(sys, "argv", ["diffusion"])  # pytest's own arguments are not the CLI's
+    loggers = tmp_path / "loggers.yaml"
+    loggers.write_text(yaml.safe_dump({"trainer": {"logger": [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "csv")}},
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path / "tb")}},
+    ]}}))
+    cli = DiffusionCLI(args=["--config", TINY, "--config", str(loggers)], run=False)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SaveAndLogConfig)]
+    callback.save_config(cli.trainer, cli.model, "fit")
+    for logger in cli.trainer.loggers:
+        logger.save()
+        hparams = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
+        assert hparams["trainer"]["callbacks"]["EMA"]["init_args"]["decay"] == 0.99
+        assert hparams["trainer"]["logger"]["TensorBoardLogger"]["init_args"]["save_dir"] == str(tmp_path / "tb")
+        assert hparams["fid"]["num_real"] == 256 and hparams["run/config_name"] == "loggers"
+        assert hparams["run/ema_decay"] == 0.99 and hparams["run/precision"] == "32-true"
+    # TensorBoard's HParams tab (the first set a run logs): the config, the summary and the model's own.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    events = EventAccumulator(cli.trainer.loggers[1].log_dir)
+    events.Reload()
+    session = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    logged = set(session.session_start_info.hparams)
+    assert {"fid/num_real", "trainer/callbacks/EMA/init_args/decay", "run/ema_decay", "lr"} <= logged
 
 
 def test_fit_logs_fid_per_sampler_timestep_diagnostics_and_sample_grids(fitted):
@@ -88,13 +144,23 @@ def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path):
     cli("sample", "--config", TINY, "--ckpt_path", ckpt, "--num_samples", 4, "--sampler", "ddpm", "--out", tmp_path / "d.png")
     assert (tmp_path / "d.png").is_file()
     out = cli("test", "--config", TINY, "--data.data_dir", mnist_dir, "--ckpt_path", ckpt, "--trainer.limit_test_batches", 2,
-              "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path, *TINY_FID, "--fid.test_num_samples", 24)
+              "--trainer.default_root_dir", tmp_path, *TINY_FID, "--fid.test_num_samples", 24)
     assert "test/loss" in out.stdout
     table = out.stdout[out.stdout.index("FID of 24 samples"):].splitlines()
     assert [line.split()[:2] for line in table[3:7]] == [["ddpm", "1000"], ["ddim", "10"], ["ddim", "25"], ["ddim", "50"]]
     assert table[7].startswith("held-out data (24 images): the floor")
     floor = float(table[7].split()[-3])
     assert all(float(line.split()[2]) > floor for line in table[3:7])  # an untrained model is worse than real data
+    # The same table as a W&B table in the test run, which sits in the recipe's group as a `test` job.
+    run = read_run(tmp_path)
+    assert run["run"]["group"] == "tiny" and run["run"]["job_type"] == "test"
+    (row,) = [r for r in run["history"] if "test/fid_table/_type" in r]
+    assert row["test/fid_table/_type"] == "table-file"
+    logged = json.loads((run["path"].parent / "files" / row["test/fid_table/path"]).read_text())
+    assert logged["columns"] == ["sampler", "steps", "FID", "seconds", "images/s"]
+    assert [r[:2] for r in logged["data"]] == [["ddpm", 1000], ["ddim", 10], ["ddim", 25], ["ddim", 50],
+                                               ["held-out data (24 images): the floor", None]]
+    assert logged["data"][-1][2] == pytest.approx(floor, abs=0.01)
 
 
 @pytest.mark.parametrize(
@@ -106,16 +172,70 @@ def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path):
         (["sample", "--ckpt_path", "missing.ckpt"], "Checkpoint not found: missing.ckpt"),
         (["sample", "--ckpt_path", "CORRUPT", "--num_samples", "2"], "Cannot read checkpoint"),
         (["sample", "--ckpt_path", "LAST", "--sampler", "ddpm", "--steps", "50"], "all 1000 consecutive timesteps"),
+        # 0 is a number of steps, not "not given": refused like 5000, not replaced by the default.
+        (["sample", "--ckpt_path", "LAST", "--sampler", "ddim", "--steps", "0"],
+         "steps must be between 1 and the schedule's 1000 timesteps, got 0"),
+        (["sample", "--ckpt_path", "LAST", "--out", "NOT_A_FOLDER/grid.png"],
+         "Cannot write samples to NOT_A_FOLDER/grid.png"),
     ],
 )
 def test_bad_input_fails_with_a_message(args, message, fitted, tmp_path):
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(last_ckpt(fitted).read_bytes()[:5000])  # a checkpoint cut off mid-write
-    args = [{"CORRUPT": corrupt, "LAST": last_ckpt(fitted)}.get(a, a) for a in args]
+    (tmp_path / "file").write_text("a file where the output folder should be")
+    names = {"CORRUPT": str(corrupt), "LAST": str(last_ckpt(fitted)), "NOT_A_FOLDER": str(tmp_path / "file")}
+
+    def fill(text):
+        for name, value in names.items():
+            text = text.replace(name, value)
+        return text
+
+    args, message = [fill(a) for a in args], fill(message)
     proc = cli(args[0], "--config", TINY, *args[1:], "--trainer.default_root_dir", tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_output_path_is_checked_before_sampling(tmp_path):
+    nested = tmp_path / "new" / "deeper" / "s.png"
+    assert check_output_path(nested) == nested and nested.parent.is_dir() and not nested.exists()
+    with pytest.raises(ConfigError, match="is a folder: give a file name"):
+        check_output_path(tmp_path)
+    with pytest.raises(ConfigError, match="cannot tell an image format from 'no extension'"):
+        check_output_path(tmp_path / "samples")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConfigError, match=re.escape(f"Cannot write samples to {tmp_path / 'file' / 'a' / 's.png'} (")):
+        check_output_path(tmp_path / "file" / "a" / "s.png")
+
+
+def test_command_line_model_keys_are_resolved_to_the_config_form():
+    unet = Namespace(class_path="diffusion.UNet", init_args=Namespace(base_channels=16))
+    config = Namespace(model=Namespace(class_path="diffusion.DiffusionModel", init_args=Namespace(lr=1.0, net=unet)))
+    args = ["fit", "--config", "x.yaml", "--model.lr", "2", "--model.init_args.net.init_args.base_channels=8",
+            "--model.init_args.unknown", "1", "--data.init_args.batch_size", "4"]
+    assert command_line_model_keys(args, config) == {
+        "model.init_args.lr": "--model.lr",  # jsonargparse's short form
+        "model.init_args.net.init_args.base_channels": "--model.init_args.net.init_args.base_channels",
+    }
+
+
+def test_sample_takes_model_arguments_over_the_checkpoint_where_the_weights_allow(fitted, tmp_path):
+    ckpt = last_ckpt(fitted)
+    out = tmp_path / "s.png"
+    proc = cli("sample", "--config", TINY, "--ckpt_path", ckpt, "--num_samples", 4, "--seed", 3, "--sampler", "ddim",
+               "--eta", 0.0, "--out", out, "--model.init_args.net.init_args.base_channels", 32,
+               "--model.init_args.sample_steps=3")
+    # The net's width is the checkpoint's (the weights fix it): ignored, with a warning naming it and both values.
+    warning = " ".join(proc.stderr.split())
+    assert "Ignored --model.init_args.net.init_args.base_channels 32 (the checkpoint's: 16)" in warning
+    assert "sample_steps" not in proc.stderr
+    # sample_steps is a sampling default: the command line's 3 is used, not the checkpoint's 10.
+    model = DiffusionModel.load_from_checkpoint(ckpt, map_location="cpu")
+    assert model.hparams.sample_steps == 10
+    expected = model.sample(4, sampler="ddim", steps=3, eta=0.0, generator=torch.Generator().manual_seed(3))
+    save_grid(expected, tmp_path / "expected.png")
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "expected.png")))
 
 
 def test_checkpoint_of_another_model_is_refused(fitted):

@@ -1,4 +1,4 @@
-import gzip
+import io
 import pickle
 
 import numpy as np
@@ -109,12 +109,68 @@ def test_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="No images found"):
         DiffusionDataModule("folder", data_dir=str(tmp_path)).setup()
     make_folder(tmp_path)
-    (tmp_path / "cats" / "broken.png").write_bytes(b"\x89PNG but not really")
+    # A truncated JPEG passes the check at setup (its structure is only read when decoding): the loader names it.
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    (tmp_path / "cats" / "cut.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) * 3 // 4])
     dm = DiffusionDataModule("folder", data_dir=str(tmp_path), image_size=16, channels=3, val_fraction=0.0)
     dm.setup()
-    index = [p.name for p in dm.train_set.dataset.files].index("broken.png")
-    with pytest.raises(DataError, match=r"broken.png.*Remove or replace"):
+    index = [p.name for p in dm.train_set.dataset.files].index("cut.jpg")
+    with pytest.raises(DataError, match=r"cut.jpg.*Remove or replace"):
         dm.train_set.dataset[index]
+
+
+def write_bad_images(root):
+    """Three files PIL cannot read: not an image at all, a PNG cut off mid-file (its header is fine), a text file."""
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(png, "PNG")
+    (root / "cats" / "garbage.png").write_bytes(b"\x89PNG but not really")
+    (root / "dogs" / "truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    (root / "dogs" / "notes.jpg").write_text("not a JPEG")
+    return ["garbage.png", "truncated.png", "notes.jpg"]
+
+
+def test_bad_images_are_all_reported_when_the_data_is_set_up(tmp_path):
+    bad = write_bad_images(make_folder(tmp_path))
+    dm = DiffusionDataModule("folder", data_dir=str(tmp_path), image_size=16, channels=3, val_fraction=0.0)
+    with pytest.raises(DataError) as info:
+        dm.setup()
+    message = str(info.value)
+    assert message.startswith(f"3 of 9 images under {tmp_path} cannot be read:")
+    for name in bad:
+        assert name in message
+    assert "skip_bad_images: true" in message
+
+
+def test_skip_bad_images_leaves_them_out_with_one_warning(tmp_path):
+    bad = write_bad_images(make_folder(tmp_path))
+    dm = DiffusionDataModule("folder", data_dir=str(tmp_path), image_size=16, channels=3, val_fraction=0.0,
+                             random_flip=True, num_workers=0, skip_bad_images=True)
+    with pytest.warns(UserWarning, match="3 of 9 images .* cannot be read") as warned:
+        dm.setup()
+        dm.reference_set("train")  # the check runs once, whichever split asks first
+    assert len([w for w in warned if "cannot be read" in str(w.message)]) == 1
+    assert all(name in str(warned[0].message) for name in bad)
+    files = [p.name for p in dm.train_set.dataset.files]
+    assert len(files) == 6 and not set(bad) & set(files)
+    assert dm.classes == ["cats", "dogs"] and sorted(int(dm.train_set[i][1]) for i in range(6)) == [0, 0, 0, 1, 1, 1]
+
+
+def test_bad_image_listing_stops_at_twenty_and_counts_the_rest(tmp_path):
+    make_folder(tmp_path)
+    for i in range(25):
+        (tmp_path / "cats" / f"bad{i:02d}.png").write_bytes(b"junk")
+    with pytest.raises(DataError) as info:
+        DiffusionDataModule("folder", data_dir=str(tmp_path)).setup()
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("25 of 31 images") and sum(".png: " in line for line in lines) == 20
+    assert lines[21] == "  ... and 5 more"
+
+
+def test_a_folder_of_only_bad_images_is_refused_even_when_skipping(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match=r"(?s)1 of 1 images .*a.png.*None is readable: check that --data.data_dir"):
+        DiffusionDataModule("folder", data_dir=str(tmp_path), skip_bad_images=True).setup()
 
 
 @pytest.mark.parametrize(

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,17 @@ from diffusion.data import DiffusionDataModule, TensorImages
 from diffusion.errors import ConfigError
 from fid_helpers import TinyFeatures
 
-WEIGHTS = ROOT.parent / "shared" / "fid" / "pt_inception-2015-12-05-fc-zero.pth"
+
+def fid_weights() -> Path | None:
+    """The Inception weights where the CLI looks ($DIFFUSION_FID_WEIGHTS), else the offline copy in ../shared/fid."""
+    shared = ROOT.parent / "shared" / "fid" / "pt_inception-2015-12-05-fc-zero.pth"
+    for candidate in (os.environ.get(ev.WEIGHTS_ENV), shared):
+        if candidate and Path(candidate).expanduser().is_file():
+            return Path(candidate).expanduser()
+    return None
+
+
+WEIGHTS = fid_weights()
 CPU = torch.device("cpu")
 
 
@@ -128,7 +139,7 @@ def test_results_table_lines_up():
 
 
 # --- the real Inception weights ---------------------------------------------------------------------------
-@pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"FID Inception weights not found at {WEIGHTS}")
+@pytest.mark.skipif(WEIGHTS is None, reason=f"no FID Inception weights: set ${ev.WEIGHTS_ENV} or put them in ../shared/fid")
 def test_real_inception_weights_give_zero_for_a_set_against_itself(tmp_path, mnist_sets):
     train, test = mnist_sets
     metric = ev.make_fid(weights_path=str(WEIGHTS))

@@ -14,7 +14,9 @@ from diffusion.samplers import (
     make_timesteps,
     slerp,
 )
+from diffusion.module import DiffusionModel
 from diffusion.schedule import NoiseSchedule
+from diffusion.unet import UNet
 
 
 class GaussianDenoiser:
@@ -182,6 +184,16 @@ def test_bad_sampler_input(schedule):
     with pytest.raises(ConfigError, match="spacing"):
         make_timesteps(1000, 10, "random")
     assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp2m"}
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m"])
+def test_model_refuses_zero_steps_as_it_refuses_too_many(sampler):
+    # 0 is a number of steps, not "not given" (None): it must not turn into the default.
+    net = UNet(base_channels=8, channel_mults=(1,), num_res_blocks=1, attention_resolutions=[], num_heads=1)
+    model = DiffusionModel(net)
+    for steps in (0, 5000):
+        with pytest.raises(ConfigError, match=f"steps must be between 1 and the schedule's 1000 timesteps, got {steps}\\."):
+            model.sample(1, sampler=sampler, steps=steps)
 
 
 # --- DPM-Solver++(2M) ---------------------------------------------------------------------------------

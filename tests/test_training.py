@@ -126,3 +126,24 @@ def test_resume_restores_step_weights_optimizer_and_ema_exactly(tmp_path, mnist_
             assert torch.equal(state["optimizer"]["state"][i][key], s[key]), (i, key)
     # ... and it carried on from there.
     assert int(ema._average_model.n_averaged) == 8
+
+
+def test_resume_uses_the_configured_lr_warmup_and_weight_decay(tmp_path, mnist_subset):
+    # The checkpoint's optimizer state carries its lr, weight decay and warm-up; resuming with other settings
+    # (e.g. a lower lr after a NaN) must use them, from the step and warm-up position where training stopped.
+    loader = DataLoader(Subset(mnist_subset, range(64)), batch_size=16)
+    seed_everything(0)
+    trainer(tmp_path, 4, [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=4)]).fit(
+        tiny_model(warmup_steps=2), loader)
+    seen = []
+
+    class FirstStep(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append([{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizers[0].param_groups])
+
+    resumed = tiny_model(lr=1e-4, warmup_steps=10, weight_decay=0.5, betas=(0.8, 0.9))
+    trainer(tmp_path, 5, [FirstStep()]).fit(resumed, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    decay, no_decay = seen[0]
+    assert decay["lr"] == no_decay["lr"] == pytest.approx(1e-4 * 5 / 10)  # 4 steps done of a 10-step warm-up
+    assert decay["initial_lr"] == 1e-4 and (decay["weight_decay"], no_decay["weight_decay"]) == (0.5, 0.0)
+    assert decay["betas"] == (0.8, 0.9)

@@ -42,19 +42,22 @@ def _payloads(raw: bytes):
 
 
 def read_run(root: Path) -> dict:
-    """History rows, summary, config and file records of the one offline run under ``root``."""
+    """History rows, summary, config, the run's own fields (name, group, job_type) and the log's path, of the one
+    offline run under ``root``."""
     files = sorted(Path(root).rglob("offline-run-*/run-*.wandb"))
     if len(files) != 1:
         raise AssertionError(f"expected one offline W&B run under {root}, found {files}")
-    history, summary, config = [], {}, {}
+    history, summary, config, run = [], {}, {}, {}
     for payload in _payloads(files[0].read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")
-        if kind == "history":
+        if kind == "run":
+            run = {"name": record.run.display_name, "group": record.run.run_group, "job_type": record.run.job_type}
+        elif kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
         elif kind == "summary":
             summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update})
         elif kind == "config":
             config.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.config.update})
-    return {"history": history, "summary": summary, "config": config, "path": files[0]}
+    return {"history": history, "summary": summary, "config": config, "run": run, "path": files[0]}
