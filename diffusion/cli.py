@@ -73,6 +73,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+# DiffusionModel's speed switches (the data module's device_resident is not in the checkpoint's model hparams).
+SPEED_SWITCHES = ("compile", "channels_last", "fused_optimizer", "compile_sampling")
+
+
 def on_gpu(accelerator) -> bool:
     """Whether the Trainer will run on a CUDA GPU with this accelerator setting."""
     name = accelerator if isinstance(accelerator, str) or accelerator is None else type(accelerator).__name__.lower()
@@ -109,13 +113,25 @@ class DiffusionCLI(LightningCLI):
             subcommands.add_subcommand(name, sub_parser, help=description)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads --ckpt_path's hyperparameters before anything else; make a bad file say so.
+        # LightningCLI reads --ckpt_path's hyperparameters over the config and the command line. The speed
+        # switches are about this machine, not the model (checkpoints are the same whichever are on): keep this
+        # run's, so that e.g. `sample --ckpt_path CKPT --model.init_args.compile_sampling false` does what it says.
+        init_args = self._model_init_args()
+        switches = {name: init_args.get(name) for name in SPEED_SWITCHES} if init_args is not None else {}
         try:
             super()._parse_ckpt_path()
         except (SystemExit, KeyboardInterrupt):
             raise
-        except Exception as e:
+        except Exception as e:  # LightningCLI reads the file before anything else: make a bad file say so
             raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), e) from e
+        init_args = self._model_init_args()
+        if init_args is not None:
+            for name, value in switches.items():
+                init_args[name] = value
+
+    def _model_init_args(self):
+        subcommand = self.config.get("subcommand")
+        return getattr(self.config[subcommand].get("model"), "init_args", None) if subcommand else None
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand != "sample":
