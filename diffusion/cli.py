@@ -224,6 +224,7 @@ class DiffusionCLI(LightningCLI):
             num_samples, nrow = x_T.shape[0], interpolate
         device = self.trainer.strategy.root_device
         model.to(device).eval()
+        model.apply_memory_format(device)  # no Trainer hook runs here to do it (channels_last: on on a GPU)
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
         chunks = []

@@ -6,7 +6,6 @@ the forward graph is compiled (the first call), and when the backward graph is c
 only the probe before the first training step reaches in time).
 """
 
-import functools
 import re
 import sys
 import warnings
@@ -143,10 +142,10 @@ def tiny_checkpoint(mnist_dir, tmp_path_factory):
     return ckpt
 
 
-def sample_cli(ckpt, out, compile_sampling: bool) -> np.ndarray:
+def sample_cli(ckpt, out, compile_sampling: bool, *extra) -> np.ndarray:
     main(["sample", "--config", str(CONFIGS / "tiny.yaml"), "--ckpt_path", str(ckpt), "--trainer.logger", "false",
           "--sampler", "ddim", "--steps", "3", "--num_samples", "4", "--batch_size", "2", "--out", str(out),
-          "--save_npz", "true", "--model.init_args.compile_sampling", str(compile_sampling).lower()])
+          "--save_npz", "true", "--model.init_args.compile_sampling", str(compile_sampling).lower(), *extra])
     return np.load(out.with_suffix(".npz"))["images"]
 
 
@@ -164,3 +163,21 @@ def test_sample_goes_on_eagerly_with_one_warning_when_compiled_sampling_fails(wh
     assert f"RuntimeError: {BOOM}" in message and "--model.init_args.compile_sampling false" in message
     assert backend.calls == 1  # not tried again for the second batch
     assert np.array_equal(images, eager)
+
+
+def test_sample_runs_in_the_memory_format_it_is_given(tiny_checkpoint, tmp_path, monkeypatch):
+    # `sample` has no Trainer hook to apply channels_last (on by default on a GPU): it applies it itself.
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    layouts = []
+    sample = DiffusionModel.sample
+
+    def recording(self, *args, **kwargs):
+        weight = self.net.down[0].blocks[0].conv1.weight  # 16 channels: the two layouts differ
+        layouts.append(weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous())
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionModel, "sample", recording)
+    plain = sample_cli(tiny_checkpoint, tmp_path / "plain.png", False, "--model.init_args.channels_last", "false")
+    fast = sample_cli(tiny_checkpoint, tmp_path / "fast.png", False, "--model.init_args.channels_last", "true")
+    assert layouts == [False, False, True, True]  # two batches each
+    assert np.abs(plain.astype(int) - fast.astype(int)).max() <= 1  # uint8 levels: the same images
