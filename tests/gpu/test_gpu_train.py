@@ -104,9 +104,10 @@ def test_mnist_yaml_fits_with_every_switch_on(fitted, record_property):
 
 def test_epoch_end_fid_on_the_gpu(fitted, mnist_dir, record_property):
     weights = needs_inception()
-    rows = [r for r in read_run(fitted.root)["history"] if "fid/ddim10" in r]
+    history = read_run(fitted.root)["history"]
+    rows = [r for r in history if "fid/ddim10" in r]
     assert len(rows) == 1 and math.isfinite(rows[0]["fid/ddim10"]) and rows[0]["fid/ddim10"] > 0, rows
-    assert rows[0]["fid_seconds/ddim10"] > 0
+    assert [r["fid_seconds/ddim10"] > 0 for r in history if "fid_seconds/ddim10" in r] == [True]
     record_property("epoch_end_fid_ddim10_after_50_steps", rows[0]["fid/ddim10"])
     # The GPU's Inception features (cuDNN, channels-last, TF32 convolutions, under the training's bf16 autocast)
     # against the CPU's fp32 ones for the same 32 MNIST images: a wrong layout, scaling or dtype is far off.
