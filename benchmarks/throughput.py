@@ -363,7 +363,6 @@ def run_bare(pristine, cli, ema_cb, args, device, precision: str) -> dict[str, A
     sync(device)
     seconds = time.perf_counter() - start
     result = {"images": images, "seconds": seconds, **peak_memory(device)}
-    del model, average, optimizer, batches
     return result
 
 
