@@ -293,7 +293,6 @@ def run_bare(pristine, cli, ema_cb, args, device, precision: str) -> dict[str, A
     sync(device)
     seconds = time.perf_counter() - start
     result = {"images": images, "seconds": seconds, **peak_memory(device)}
-    del model, average, optimizer, batches
     return result
 
 
@@ -317,6 +316,8 @@ def bench_train(cli, pristine, ema_cb, flops, args, device, precision, base, wor
         fields.update({"bare_images_per_s": None, "lightning_overhead": None,
                        "bare_note": "the bare loop does not accumulate gradients: set accumulate_grad_batches 1 to compare"})
     record.update(fields)
+    # A switch that fell back to eager (torch.compile failed) was not measured: say so next to the figures.
+    record["fallbacks"] = dict(getattr(cli.model, "fallbacks", {}))
     return record
 
 
@@ -384,6 +385,7 @@ def bench_sample(pristine, specs, flops, args, device, precision, base) -> list[
             "images_per_s": B / seconds, "flops_per_image": flops["forward_per_image"] * calls * per_call,
             "model_tflops": tflops(flops["forward_per_image"] * net_images, seconds),
             "finite": bool(torch.isfinite(images).all()), **peak_memory(device),
+            "fallbacks": dict(module.fallbacks),
         })
         del images
     del module
@@ -431,7 +433,6 @@ def _mark_class():
 
 
 def bench_eval(cli, pristine, fid, quick_specs, args, device, precision, base, workdir) -> dict[str, Any]:
-    import torch
     from lightning.pytorch import Trainer
 
     from diffusion import evaluation as ev
@@ -498,6 +499,7 @@ def bench_eval(cli, pristine, fid, quick_specs, args, device, precision, base, w
     else:
         record.update({"test_seconds": None, "test_note": "fid.test_num_samples is 0: no test evaluation"})
     record["memory_metric"] = times["epoch_end_memory"]["memory_metric"]
+    record["fallbacks"] = dict(module.fallbacks)
     del trainer, module
     gc.collect()
     return record

@@ -215,6 +215,10 @@ def command_line_model_keys(args: list[str], config: Namespace) -> dict[str, str
     return keys
 
 
+# DiffusionModel's speed switches (the data module's device_resident is not in the checkpoint's model hparams).
+SPEED_SWITCHES = ("compile", "channels_last", "fused_optimizer", "compile_sampling")
+
+
 def on_gpu(accelerator) -> bool:
     """Whether the Trainer will run on a CUDA GPU with this accelerator setting."""
     name = accelerator if isinstance(accelerator, str) or accelerator is None else type(accelerator).__name__.lower()
@@ -260,17 +264,25 @@ class DiffusionCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path's hyperparameters over the whole model config, command line included;
-        # make a bad file say so, and give explicit --model arguments back their say where the weights allow.
+        # make a bad file say so, keep this run's speed switches, and give explicit --model arguments back their
+        # say where the weights allow.
         subcommand = self.config.get("subcommand")
         given = self.config[subcommand].clone() if subcommand else None
         try:
             super()._parse_ckpt_path()
         except (SystemExit, KeyboardInterrupt):
             raise
-        except Exception as e:
+        except Exception as e:  # LightningCLI reads the file before anything else: make a bad file say so
             raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), e) from e
         if given is not None and given.get("ckpt_path"):
-            self._apply_command_line_model_args(given, self.config[subcommand])
+            config = self.config[subcommand]
+            # The speed switches are about this machine, not the model (checkpoints are the same whichever are on):
+            # this run's config decides, so that e.g. `sample --ckpt_path CKPT` on a CPU does not inherit a GPU's.
+            for name in SPEED_SWITCHES:
+                key = f"model.init_args.{name}"
+                if given.get(key, None) != config.get(key, None):
+                    config[key] = given.get(key, None)
+            self._apply_command_line_model_args(given, config)
 
     def _apply_command_line_model_args(self, given: Namespace, config: Namespace) -> None:
         """Command-line ``--model...`` values over the checkpoint's, except those its weights depend on, which are
@@ -396,6 +408,7 @@ class DiffusionCLI(LightningCLI):
             num_samples, nrow = x_T.shape[0], interpolate
         device = self.trainer.strategy.root_device
         model.to(device).eval()
+        model.apply_memory_format(device)  # no Trainer hook runs here to do it (channels_last: on on a GPU)
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
         chunks = []

@@ -30,3 +30,18 @@ def find_user_error(exc: BaseException | None) -> UserError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def describe(error: BaseException) -> str:
+    """An error's type and first line, and its root cause's when that is another error: torch.compile wraps a
+    backend's error in ``BackendCompilerFailed``, whose first line does not say what went wrong."""
+
+    def line(e: BaseException) -> str:
+        text = next((t.strip() for t in str(e).splitlines() if t.strip()), "")
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+    root, seen = error, {id(error)}
+    while (root.__cause__ or root.__context__) is not None and id(root.__cause__ or root.__context__) not in seen:
+        root = root.__cause__ or root.__context__
+        seen.add(id(root))
+    return line(error) if root is error else f"{line(error)} (caused by {line(root)})"

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from diffusion.evaluation import derive_seed
 from diffusion.samplers import SAMPLERS, get_sampler, make_timesteps
 from diffusion.schedule import NoiseSchedule, check_prediction
 from diffusion.unet import UNet
-from diffusion.errors import CheckpointError, ConfigError, TrainingDiverged
+from diffusion.errors import CheckpointError, ConfigError, TrainingDiverged, describe
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
@@ -58,6 +59,9 @@ class DiffusionModel(LightningModule):
         fused_optimizer: AdamW's fused CUDA kernel (one launch for all parameters); None: on on a GPU.
         compile_sampling: run sampling's network calls through ``torch.compile(mode="reduce-overhead")``
             (CUDA graphs: no per-step Python or launch overhead); None: on on a GPU.
+
+    Should ``torch.compile`` (or CUDA-graph capture) raise, for training or for sampling, that part goes on
+    without it, with one warning naming the switch and the error; ``fallbacks`` records which fell back.
     """
 
     def __init__(
@@ -122,6 +126,8 @@ class DiffusionModel(LightningModule):
         self._channels_last = False
         # Compiled sampling network, outside the module tree so that state_dict keys never change.
         self.__dict__["_sampling_net"] = None
+        self.fallbacks: dict[str, str] = {}  # switch -> the error that made it fall back to eager
+        self._probe_pending = False
 
     @property
     def num_classes(self) -> int:
@@ -139,10 +145,64 @@ class DiffusionModel(LightningModule):
             self.net.to(memory_format=torch.channels_last)
             self._channels_last = True
 
+    # torch.compile reports most errors lazily, at the first call of each new graph (inductor compiles the
+    # backward at its first call), on the user's first step or first sample. A failure there must cost speed,
+    # not the run: the call is made again without compilation, and if that works, compilation stays off.
+    def _compiled_or_eager(self, call: Callable):
+        """``call()``, which goes through the training network; if that is compiled and ``call`` raises, again
+        without compilation: when that works, the network stays eager with one warning; when it raises too, the
+        error is not compilation's, so the network is compiled again and the eager error raised."""
+        compiled = getattr(self.net, "_compiled_call_impl", None)
+        if compiled is None:
+            return call()
+        try:
+            return call()
+        except Exception as error:
+            if self.net._compiled_call_impl is None:  # an inner call fell back already: not compilation's error
+                raise
+            self.net._compiled_call_impl = None  # how nn.Module.compile is undone
+            try:
+                result = call()
+            except Exception:
+                self.net._compiled_call_impl = compiled
+                raise
+            self._fell_back("compile", error)
+            return result
+
+    def _probe_compiled_net(self, batch) -> None:
+        """One forward and backward of the loss through the compiled network on the first training batch, in the
+        training step's precision, before the optimizer sees anything: compilation errors surface here, where the
+        network can still fall back to eager. The gradients go nowhere (``autograd.grad``)."""
+        self._probe_pending = False
+        x0, y = self._batch(batch)
+        generator = torch.Generator().manual_seed(0)
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        params = [p for p in self.net.parameters() if p.requires_grad]
+
+        def forward_backward() -> None:
+            with torch.enable_grad(), self.trainer.precision_plugin.train_step_context():
+                loss = self.loss(x0, t, noise, y).mean()
+            if params:
+                torch.autograd.grad(loss, params, allow_unused=True)
+
+        self._compiled_or_eager(forward_backward)
+
+    def _fell_back(self, switch: str, error: BaseException) -> None:
+        if switch in self.fallbacks:
+            return
+        self.fallbacks[switch] = describe(error)
+        part = "training" if switch == "compile" else "sampling"
+        rank_zero_warn(
+            f"model.init_args.{switch}: torch.compile failed for {part} ({self.fallbacks[switch]}); {part} goes on "
+            f"without compilation, slower. Set --model.init_args.{switch} false to skip the attempt.",
+            category=UserWarning,
+        )
+
     # --- training ----------------------------------------------------------------------------------
     def forward(self, x_t: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
         """The network's raw output (noise, x0 or v, per ``prediction``)."""
-        return self._run(self.net, x_t, t, y)
+        return self._compiled_or_eager(lambda: self._run(self.net, x_t, t, y))
 
     def _run(self, net: nn.Module, x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
         # Labels only when there are any: an unconditional net need not take a third argument.
@@ -208,9 +268,15 @@ class DiffusionModel(LightningModule):
         # before the strategy wraps the module (DDP's gradient buckets follow the parameters' memory format).
         device = self.trainer.strategy.root_device
         self.apply_memory_format(device)
-        if stage == "fit" and self.switch_on("compile", device) and not getattr(self.net, "_compiled_call_impl", None):
-            # In place: the parameters keep their names, so checkpoints load with or without compile.
-            self.net.compile()
+        if (stage == "fit" and self.switch_on("compile", device) and "compile" not in self.fallbacks
+                and not getattr(self.net, "_compiled_call_impl", None)):
+            try:
+                # In place: the parameters keep their names, so checkpoints load with or without compile.
+                self.net.compile()
+            except Exception as error:  # e.g. a Python that dynamo does not support yet
+                self._fell_back("compile", error)
+            else:
+                self._probe_pending = True
         classes = getattr(getattr(self._trainer, "datamodule", None), "classes", None)
         if self.num_classes and classes and len(classes) > self.num_classes:
             raise ConfigError(
@@ -219,8 +285,11 @@ class DiffusionModel(LightningModule):
             )
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._probe_pending:
+            self._probe_compiled_net(batch)
         # The step's randomness (t, noise, dropout) is a function of (seed, step, rank), not of the RNG's
-        # history: a run resumed from a checkpoint takes the very same steps as one that never stopped.
+        # history: a run resumed from a checkpoint takes the very same steps as one that never stopped (and
+        # the probe above, which draws dropout masks, changes nothing).
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         torch.manual_seed(derive_seed(seed, self.global_step, self.global_rank))
 
@@ -418,11 +487,23 @@ class DiffusionModel(LightningModule):
         prediction = self.hparams.prediction
 
         def call(x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
-            if net is self.net:
-                return self._run(net, x, t, y)
-            torch.compiler.cudagraph_mark_step_begin()
-            # CUDA graphs reuse their output buffers on the next call: keep a copy.
-            return self._run(net, x, t, y).clone()
+            nonlocal net
+            if net is self.net:  # which may be compiled in place for training (validation during fit)
+                return self._compiled_or_eager(lambda: self._run(self.net, x, t, y))
+            try:
+                torch.compiler.cudagraph_mark_step_begin()
+                # CUDA graphs reuse their output buffers on the next call: keep a copy.
+                return self._run(net, x, t, y).clone()
+            except Exception as error:  # compilation or graph capture, at each new shape's first calls
+                compiled, net = net, self.net
+                try:
+                    out = self._compiled_or_eager(lambda: self._run(self.net, x, t, y))
+                except Exception:
+                    net = compiled  # fails without compilation too: not compilation's error
+                    raise
+                self._fell_back("compile_sampling", error)
+                self.__dict__["_sampling_net"] = None
+                return out
 
         def eps(x_t: Tensor, t: Tensor) -> Tensor:
             x = x_t.to(dtype)
@@ -437,10 +518,14 @@ class DiffusionModel(LightningModule):
         return eps
 
     def sampling_net(self) -> nn.Module:
-        if not self.switch_on("compile_sampling"):
+        if not self.switch_on("compile_sampling") or "compile_sampling" in self.fallbacks:
             return self.net
         if self.__dict__.get("_sampling_net") is None:
-            self.__dict__["_sampling_net"] = torch.compile(self.net, mode="reduce-overhead")
+            try:
+                self.__dict__["_sampling_net"] = torch.compile(self.net, mode="reduce-overhead")
+            except Exception as error:
+                self._fell_back("compile_sampling", error)
+                return self.net
         return self.__dict__["_sampling_net"]
 
     def _net_dtype(self) -> torch.dtype:

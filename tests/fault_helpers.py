@@ -4,6 +4,8 @@
   half-way through writing the checkpoint of that step (no cleanup, no exception handlers, like a lost node);
   with $NAN_AT_STEP, feeds NaN images to that step.
 - ``RecordWeights``: each rank writes a digest of its raw and EMA weights at the end of training.
+
+And the comparison of two runs' final checkpoints that the resume tests (CPU and GPU) make.
 """
 
 import hashlib
@@ -70,3 +72,22 @@ class RecordWeights(Callback):
         path = run_dir(trainer) / f"weights-rank{trainer.global_rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
+
+
+def final_state(root) -> dict:
+    (ckpt,) = root.rglob("checkpoints/last.ckpt")
+    return torch.load(ckpt, map_location="cpu", weights_only=False)
+
+
+def assert_same_training_state(a: dict, b: dict, step: int) -> None:
+    """Two checkpoints hold the very same training state at ``step``: EMA and raw weights, optimizer, EMA count."""
+    assert a["global_step"] == b["global_step"] == step
+    for key in ("state_dict", "current_model_state"):  # EMA weights, raw weights
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name, (a[key][name].float() - b[key][name].float()).abs().max())
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in opt_a:
+        for k in opt_a[i]:
+            assert torch.equal(opt_a[i][k], opt_b[i][k]), (i, k)
+    assert a["averaging_state"]["n_averaged"] == b["averaging_state"]["n_averaged"]

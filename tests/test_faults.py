@@ -10,6 +10,7 @@ import yaml
 from lightning.pytorch import Trainer, seed_everything
 
 from conftest import CONFIGS, run_cli
+from fault_helpers import assert_same_training_state, final_state
 from diffusion.callbacks import FIDEvaluation, TimestepDiagnostics
 from diffusion.data import DiffusionDataModule
 from diffusion.ema import EMA
@@ -39,30 +40,11 @@ def fit(config, root, mnist_dir, *extra, env=None, check=True):
                    "--trainer.max_steps", 30, "--trainer.logger", "false", *QUIET_EVAL, *extra, env=env, check=check)
 
 
-def final_state(root):
-    (ckpt,) = root.rglob("checkpoints/last.ckpt")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    return state
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(config, mnist_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("straight")
     fit(config, root, mnist_dir)
     return final_state(root)
-
-
-def assert_same_training_state(a, b):
-    assert a["global_step"] == b["global_step"] == 30
-    for key in ("state_dict", "current_model_state"):  # EMA weights, raw weights
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
-    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    for i in opt_a:
-        for k in opt_a[i]:
-            assert torch.equal(opt_a[i][k], opt_b[i][k]), (i, k)
-    assert a["averaging_state"]["n_averaged"] == b["averaging_state"]["n_averaged"]
 
 
 @pytest.mark.parametrize("kill", ["KILL_AT_STEP", "KILL_DURING_SAVE_AT_STEP"])
@@ -73,7 +55,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(kill, config, mnist_dir,
     survived = torch.load(last, map_location="cpu", weights_only=False)  # never a half-written file
     assert survived["global_step"] == (20 if kill == "KILL_AT_STEP" else 10)
     fit(config, tmp_path, mnist_dir, "--ckpt_path", last)
-    assert_same_training_state(final_state(tmp_path), uninterrupted)
+    assert_same_training_state(final_state(tmp_path), uninterrupted, step=30)
 
 
 def test_ddp_two_processes_agree_and_split_the_evaluation(config, mnist_dir, tmp_path):
