@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -248,6 +249,10 @@ def load_stats(metric, path: Path, side: str = "real") -> bool:
     device = getattr(metric, names[0]).device
     for name, value in zip(names, values):
         setattr(metric, name, (value if keep else torch.zeros_like(value)).to(device))
+    # compute() casts the FID to the dtype of the last features update() saw; with both sides loaded there was
+    # no update, and Inception's features are fp32.
+    if not hasattr(metric, "orig_dtype"):
+        metric.orig_dtype = torch.float32
     return True
 
 
@@ -433,7 +438,10 @@ def fid_of_dataset(metric, dataset: Dataset, num: Optional[int], batch_size: int
     else:
         feed_dataset(metric, dataset, reference_indices(len(dataset), num), batch_size, device, real=False,
                      progress=progress)
-    return float(metric.compute())
+    with warnings.catch_warnings():
+        # Both sides from the cache: torchmetrics warns that compute() comes before any update(), rightly in general.
+        warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+        return float(metric.compute())
 
 
 def _no_bars(total: int, desc: str):

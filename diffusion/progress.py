@@ -69,9 +69,13 @@ def _rank_zero(trainer) -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
 def progress_bars(trainer=None, enabled: bool = True) -> Factory:
     """``bar(total, desc)`` factory for ``trainer`` (None: outside a Trainer)."""
-    if not enabled or not _rank_zero(trainer) or not sys.stdout.isatty():
+    if not enabled or not _rank_zero(trainer) or not stdout_is_terminal():
         return lambda total, desc: NullBar()
     if trainer is not None:
         callback = trainer.progress_bar_callback

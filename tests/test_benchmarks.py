@@ -101,3 +101,68 @@ def test_a_bad_option_exits_with_a_readable_error(args, words):
     proc = bench(*args, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     assert "Traceback" not in proc.stderr and all(w in proc.stderr for w in words), proc.stderr
+
+
+# --- benchmarks/quality.py -----------------------------------------------------------------------------------
+QUALITY = ROOT / "benchmarks" / "quality.py"
+
+
+def quality(*args, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(QUALITY), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quality_run(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("quality")
+    proc = quality("--config", CONFIGS / "mnist_cpu.yaml", "--quick", "--json", "--out", out, "--fid_cache", out / "cache",
+                   "--", "--data.init_args.data_dir", mnist_dir, "--fid.feature_extractor", "fid_helpers.TinyFeatures")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return [json.loads(line) for line in proc.stdout.strip().splitlines()], out
+
+
+def test_quality_quick_run_trains_scores_each_sampler_and_the_floor(quality_run):
+    records, out = quality_run
+    assert [r["kind"] for r in records] == ["env", "train", "reference", *["sampler"] * 4, "floor", "summary"]
+    train = records[1]
+    assert train["steps"] == 3 and train["global_batch"] == 8 and train["ema"] and positive(train["images_per_s"])
+    assert records[2]["num_real"] == 32 and not records[2]["cache_hit"]
+    samplers = {r["key"]: r for r in records if r["kind"] == "sampler"}
+    assert list(samplers) == ["ddpm20", "ddim5", "ddim10", "dpmpp2m5"]
+    for r in samplers.values():
+        assert positive(r["fid"]) and positive(r["sampling_seconds"]) and r["num_samples"] == 16
+        assert math.isclose(r["ratio_to_ddpm"], r["fid"] / samplers["ddpm20"]["fid"])
+    floor, summary = records[-2:]
+    assert floor["held_out_images"] == 16 and math.isfinite(floor["fid"])
+    assert summary["fid"] == {k: r["fid"] for k, r in samplers.items()} and summary["floor"] == floor["fid"]
+    table = (out / "table.md").read_text()
+    assert table.strip() == summary["markdown"] and "| ddim5 |" in table and "the floor" in table
+    assert [json.loads(line)["kind"] for line in (out / "results.jsonl").read_text().splitlines()][-1] == "summary"
+    assert all((out / f"samples-{k}.png").is_file() for k in samplers) and (out / "model.ckpt").is_file()
+
+
+def test_quality_rescoring_the_checkpoint_gives_the_same_figures(quality_run, mnist_dir, tmp_path):
+    records, out = quality_run
+    proc = quality("--config", CONFIGS / "mnist_cpu.yaml", "--quick", "--json", "--ckpt", out / "model.ckpt", "--out",
+                   tmp_path, "--fid_cache", out / "cache", "--samplers", "ddim5,ddpm20", "--", "--data.init_args.data_dir",
+                   mnist_dir, "--fid.feature_extractor", "fid_helpers.TinyFeatures")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert again[1]["skipped"] and again[1]["steps"] == 3 and again[2]["cache_hit"]
+    before = {r["key"]: r["fid"] for r in records if r["kind"] == "sampler"}
+    now = {r["key"]: r for r in again if r["kind"] == "sampler"}
+    assert {k: r["fid"] for k, r in now.items()} == {"ddim5": before["ddim5"], "ddpm20": before["ddpm20"]}
+    assert now["ddim5"]["ratio_to_ddpm"] == pytest.approx(before["ddim5"] / before["ddpm20"])  # DDPM listed last
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--minutes", "0"], ["--minutes", "positive"]),
+    (["--num_samples", "1"], ["--num_samples", "at least 2"]),
+    (["--ckpt", "missing.ckpt"], ["--ckpt", "missing.ckpt"]),
+])
+def test_quality_bad_option_exits_with_a_readable_error(args, words, tmp_path):
+    proc = quality(*args, "--out", tmp_path, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "Traceback" not in proc.stderr and all(w in proc.stderr for w in words), proc.stderr
