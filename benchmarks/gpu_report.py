@@ -130,7 +130,6 @@ class Job:
     command: list[str]  # argv with "python" for the interpreter, as shown to people
     timeout: int
     outputs: dict[str, Path] = field(default_factory=dict)
-    skip_reason: Optional[str] = None
 
     def display(self) -> str:
         return shlex.join(self.command)
@@ -163,14 +162,10 @@ def plan(args, overrides: list[str]) -> list[Job]:
             jobs.append(Job("throughput", f"{name} off", [*bench, "--only", "train,sample", "--samplers", "ddim50", "--",
                                                          *overrides, *SWITCHES[name]], args.timeout["throughput"]))
     if "quality" in args.steps:
-        script = ROOT / "benchmarks" / "quality.py"
         command = ["python", "benchmarks/quality.py", "--config", args.config, "--minutes", f"{args.quality_minutes:g}",
                    "--num_samples", "10000", "--num_real", "60000", "--samplers", "ddim50,ddpm1000", "--json",
                    "--out", str(work / "quality"), *weights, "--", *overrides]
-        reason = None if script.is_file() else (
-            "benchmarks/quality.py does not exist in this checkout yet (it is written on another branch): merge it, "
-            "then run `benchmarks/gpu_report.py --only quality`")
-        jobs.append(Job("quality", "quality", command, args.timeout["quality"], skip_reason=reason))
+        jobs.append(Job("quality", "quality", command, args.timeout["quality"]))
     return jobs
 
 
@@ -179,8 +174,6 @@ def run_job(job: Job, env: dict, logs: Path) -> dict[str, Any]:
     """Run one command under its time limit (its whole process group is killed at the limit); never raises for
     the command's own failure."""
     record: dict[str, Any] = {"command": job.display(), "started": _now()}
-    if job.skip_reason:
-        return {**record, "skipped": True, "reason": job.skip_reason, "ok": False}
     logs.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{job.step}-{job.key}")
     stdout_path, stderr_path = logs / f"{stem}.stdout", logs / f"{stem}.stderr"
@@ -481,7 +474,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     jobs = plan(args, overrides)
     if args.dry_run:
         for job in jobs:
-            print(f"# {job.step}: {job.key}" + (f" (would be skipped: {job.skip_reason})" if job.skip_reason else ""))
+            print(f"# {job.step}: {job.key}")
             print(job.display())
         return 0
     out, md = Path(args.out), Path(args.md)
@@ -500,7 +493,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     md.write_text(table)
     print(table)
     steps = report["steps"]
-    failed = [j for j in jobs if not j.skip_reason and not _job_ok(steps, j)]
+    failed = [j for j in jobs if not _job_ok(steps, j)]
     return 1 if failed else 0
 
 

@@ -8,6 +8,7 @@ Kept thin on purpose: the math lives in ``schedule``/``samplers``, the network i
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Callable, Optional
 
@@ -25,6 +26,7 @@ from diffusion.unet import UNet
 from diffusion.errors import CheckpointError, ConfigError, TrainingDiverged, describe
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
+LR_DECAYS = ("none", "cosine")
 
 
 class DiffusionModel(LightningModule):
@@ -47,6 +49,9 @@ class DiffusionModel(LightningModule):
             the null label, so that one network learns both the conditional and the unconditional model.
         lr, weight_decay, betas: AdamW's.
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
+        lr_decay: ``none`` keeps the learning rate after the warm-up; ``cosine`` takes it down to 0 along a
+            half cosine by the last step (needs ``max_steps`` or ``max_epochs``; a run cut short by ``max_time``
+            stops before the end of the decay).
         lr_scaling: ``none`` keeps ``lr`` whatever the global batch; ``linear`` or ``sqrt`` scale it by
             (global batch / ``lr_reference_batch``) or its square root, global batch = batch_size x devices x
             nodes x accumulate_grad_batches.
@@ -80,6 +85,7 @@ class DiffusionModel(LightningModule):
         weight_decay: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        lr_decay: str = "none",
         lr_scaling: str = "none",
         lr_reference_batch: int = 128,
         sample_sampler: str = "ddim",
@@ -99,6 +105,8 @@ class DiffusionModel(LightningModule):
             raise ConfigError(f"lr_scaling must be 'none', 'linear' or 'sqrt', got {lr_scaling!r}.")
         if warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+        if lr_decay not in LR_DECAYS:
+            raise ConfigError(f"lr_decay must be one of {', '.join(LR_DECAYS)}, got {lr_decay!r}.")
         check_prediction(prediction)
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_weighting!r}.")
@@ -331,10 +339,10 @@ class DiffusionModel(LightningModule):
         # One kernel for all parameters instead of a loop over them (CUDA; CPU too where asked explicitly).
         fused = self.switch_on("fused_optimizer")
         optimizer = torch.optim.AdamW(groups, lr=self.scaled_lr(), betas=tuple(self.hparams.betas), fused=fused or None)
-        if not self.hparams.warmup_steps:
+        decay = self.hparams.get("lr_decay", "none")
+        if not self.hparams.warmup_steps and decay == "none":
             return optimizer
-        warmup = self.hparams.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Warmup(warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Warmup(self.hparams.warmup_steps, decay, self._last_step()))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -350,6 +358,19 @@ class DiffusionModel(LightningModule):
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _last_step(self) -> Optional[float]:
+        """The step where ``lr_decay`` reaches 0 (None without a decay)."""
+        decay = self.hparams.get("lr_decay", "none")
+        if decay == "none":
+            return None
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ConfigError(
+                f"lr_decay {decay!r} needs to know the last step: set trainer.max_steps or trainer.max_epochs "
+                "(max_time alone does not say how many steps it allows)."
+            )
+        return total
 
     def scaled_lr(self) -> float:
         lr, how = self.hparams.lr, self.hparams.lr_scaling
@@ -378,7 +399,7 @@ class DiffusionModel(LightningModule):
         lr, factor = self.scaled_lr(), 1.0
         if warmup:
             for f in scheduler.lr_lambdas:
-                f.steps = self.hparams.warmup_steps
+                f.steps, f.decay, f.total = self.hparams.warmup_steps, self.hparams.get("lr_decay", "none"), self._last_step()
             scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
             factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
         for group, weight_decay in zip(optimizers[0].param_groups, (self.hparams.weight_decay, 0.0)):
@@ -565,13 +586,18 @@ def state_dict_mismatch(own: dict, state: dict) -> str:
 
 
 class _Warmup:
-    """Linear warm-up factor; a class so that the scheduler pickles (ddp_spawn)."""
+    """Learning-rate factor: linear warm-up over ``steps``, then constant or (``decay="cosine"``) a half cosine to
+    0 at step ``total``. A class so that the scheduler pickles (ddp_spawn)."""
 
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
+    def __init__(self, steps: int, decay: str = "none", total: Optional[float] = None) -> None:
+        self.steps, self.decay, self.total = steps, decay, total
 
     def __call__(self, step: int) -> float:
-        return min(1.0, (step + 1) / self.steps)
+        factor = min(1.0, (step + 1) / self.steps) if self.steps else 1.0
+        if self.decay == "cosine" and self.total:
+            done = min(1.0, max(0, step - self.steps) / max(1.0, self.total - self.steps))
+            factor *= 0.5 * (1 + math.cos(math.pi * done))
+        return factor
 
 
 __all__ = ["DiffusionModel", "SAMPLERS"]

@@ -126,7 +126,6 @@ def test_failures_are_recorded_the_report_goes_on_and_later_calls_merge(gpu_repo
         jobs = real_plan(args, overrides)
         for job in jobs:
             job.command = fakes[job.step, job.key] + ([str(job.outputs["junit"])] if job.step == "tests" else [])
-            job.skip_reason = None  # quality.py may not be in this checkout
         return jobs
 
     monkeypatch.setattr(gpu_report, "plan", fake_plan)
@@ -174,13 +173,3 @@ def test_failures_are_recorded_the_report_goes_on_and_later_calls_merge(gpu_repo
     (row,) = [r for r in report["rows"] if r["what"].startswith("compile turned off")]
     assert row["figure"] == "training 10,000 images/s (0.50x); DDIM-50 600 images/s (0.50x)"
 
-
-def test_quality_step_is_skipped_with_its_reason_until_quality_py_exists(gpu_report, tmp_path, monkeypatch):
-    monkeypatch.setattr(gpu_report, "ROOT", tmp_path)  # a checkout without benchmarks/quality.py
-    args, overrides = gpu_report.parse_args(["--only", "quality", "--workdir", str(tmp_path)])
-    (job,) = gpu_report.plan(args, overrides)
-    assert "benchmarks/quality.py does not exist" in job.skip_reason
-    result = gpu_report.run_job(job, {}, tmp_path / "logs")
-    assert result["skipped"] and not result["ok"]
-    rows = gpu_report.rows({"steps": {"quality": result}})
-    assert all(r["figure"].startswith("skipped: benchmarks/quality.py does not exist") for r in rows)
