@@ -6,8 +6,10 @@
 
 Phases, each timed:
 1. ``fit`` through ``DiffusionCLI`` (the parser, links and callbacks of ``python -m diffusion fit``) with
-   ``--trainer.max_time``: the config as a user runs it, except that its own FID callback is off (this
-   benchmark scores instead). ``--ckpt`` skips training and scores a checkpoint.
+   ``--trainer.max_time``: the config as a user runs it, its own ``max_steps``/``max_epochs`` included (whichever
+   limit comes first ends training: a recipe whose learning rate decays to its last step keeps it), except that
+   its own FID callback is off (this benchmark scores instead). ``--ckpt`` skips training and scores a
+   checkpoint.
 2. The Inception statistics of ``--num_real`` training images (a fixed subset; cached, like the FID callback's).
 3. Per sampler in ``--samplers``: ``--num_samples`` images from the EMA weights, from the same seeded noise, and
    their FID; as a ratio to DDPM-1000's too.
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data's floor. LightningCLI overrides go after `--`, e.g. `-- --data.init_args.data_dir ../shared/data`.",
     )
     p.add_argument("--config", default=str(ROOT / "configs" / "mnist_cpu.yaml"), help="LightningCLI YAML (default: configs/mnist_cpu.yaml)")
-    p.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes of wall time (Lightning's max_time)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes of wall time (Lightning's max_time; the config's max_steps or max_epochs still end training if they come first)")
     p.add_argument("--ckpt", default=None, help="score this checkpoint instead of training")
     p.add_argument("--samplers", default=None, help=f"comma-separated sampler specs (default: {DEFAULT_SAMPLERS})")
     p.add_argument("--num_samples", type=int, default=None, help="generated images per sampler, and held-out images for the floor (default 1000)")
@@ -117,9 +119,9 @@ def train(args, overrides: list[str], out: Path) -> tuple[Any, dict[str, Any]]:
     training, data module) and the training record."""
     from lightning.pytorch.callbacks import Timer
 
-    steps = ["--trainer.max_steps", str(args.train_steps)] if args.train_steps else ["--trainer.max_steps", "-1"]
+    steps = ["--trainer.max_steps", str(args.train_steps)] if args.train_steps else []
     cli_args = ["fit", "--config", args.config, "--trainer.max_time", max_time(args.minutes), *steps,
-                "--trainer.max_epochs", "-1", "--trainer.default_root_dir", str(out / "run"),
+                "--trainer.default_root_dir", str(out / "run"),
                 "--fid.every_n_epochs", "0", *(QUICK_OVERRIDES + QUICK_FIT if args.quick else []), *overrides]
     start = time.perf_counter()
     cli = diffusion_cli(cli_args, run=True)

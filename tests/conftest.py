@@ -45,3 +45,24 @@ def run_cli(*args, env=None, check=True, timeout=600) -> subprocess.CompletedPro
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+@pytest.fixture
+def cli_main(monkeypatch, capsys):
+    """``python -m diffusion ARGS`` in this process: (exit code, stdout, stderr). For runs that end before any
+    training (bad input), where a subprocess would only add its ~8 s of imports."""
+    from diffusion.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["diffusion"])  # LightningCLI warns about pytest's own arguments
+        monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # seed_everything's, undone after the test
+        capsys.readouterr()
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -1,4 +1,5 @@
 import copy
+import math
 import pickle
 
 import pytest
@@ -147,3 +148,23 @@ def test_resume_uses_the_configured_lr_warmup_and_weight_decay(tmp_path, mnist_s
     assert decay["lr"] == no_decay["lr"] == pytest.approx(1e-4 * 5 / 10)  # 4 steps done of a 10-step warm-up
     assert decay["initial_lr"] == 1e-4 and (decay["weight_decay"], no_decay["weight_decay"]) == (0.5, 0.0)
     assert decay["betas"] == (0.8, 0.9)
+
+
+def test_cosine_lr_decay_reaches_zero_at_the_last_step_and_needs_one(tmp_path, mnist_subset):
+    from diffusion.errors import ConfigError
+
+    model = tiny_model(lr=1e-2, warmup_steps=4, lr_decay="cosine")
+    lrs = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer(tmp_path, 20, [Record()]).fit(model, DataLoader(Subset(mnist_subset, range(64)), batch_size=4))
+    assert lrs[:4] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])  # the warm-up
+    assert lrs[4] == pytest.approx(1e-2) and all(a > b for a, b in zip(lrs[4:], lrs[5:]))  # then down, always
+    assert lrs[12] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))  # half-way: half the lr
+    assert lrs[-1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))  # 0 after the last step
+    endless = tiny_model(lr_decay="cosine")
+    with pytest.raises(ConfigError, match="lr_decay 'cosine' needs to know the last step"):
+        trainer(tmp_path, -1, max_time="00:00:00:01").fit(endless, DataLoader(Subset(mnist_subset, range(8)), batch_size=4))
