@@ -39,8 +39,8 @@ from common import (  # noqa: E402
 DEFAULT_SAMPLERS = "ddpm1000,ddim10,ddim25,ddim50,dpmpp2m10,dpmpp2m20"
 # --quick: the small U-Net of QUICK_OVERRIDES (20 timesteps), a few steps, a few images: seconds on a CPU.
 QUICK = {"steps": 3, "num_samples": 16, "num_real": 32, "samplers": "ddpm20,ddim5,ddim10,dpmpp2m5", "grid": 16}
-QUICK_FIT = ["--fid.samplers", "[ddim5]", "--sample_grids.samplers", "[ddim5]", "--sample_grids.num_images", "2",
-             "--diagnostics.grad_every_n_steps", "0", "--trainer.limit_val_batches", "2"]
+QUICK_FIT = ["--fid.samplers", "[ddim5]", "--fid.test_samplers", "[ddim5]", "--sample_grids.samplers", "[ddim5]",
+             "--sample_grids.num_images", "2", "--diagnostics.grad_every_n_steps", "0", "--trainer.limit_val_batches", "2"]
 
 
 def build_parser() -> argparse.ArgumentParser:
