@@ -188,7 +188,8 @@ def score(cli, args, emit, out: Path) -> tuple[list[dict], dict]:
     shape = (model.net.in_channels, model.net.image_size, model.net.image_size)
     precision = trainer.precision_plugin.forward_context
     results, ddpm = [], None
-    for spec in specs:
+    # DDPM first, so that each sampler's line carries its ratio when it is printed.
+    for spec in sorted(specs, key=lambda s: not (s.name == "ddpm" and s.guidance is None)):
         def sample(x_T, generator, indices, spec=spec):
             with precision():
                 return model.sample(len(indices), sampler=spec.name, steps=spec.steps, x_T=x_T, generator=generator,
@@ -209,8 +210,6 @@ def score(cli, args, emit, out: Path) -> tuple[list[dict], dict]:
                   "images_per_s": args.num_samples / sampling if sampling > 0 else None, **common}
         emit(record)
         results.append(record)
-    for record in results:  # DDPM may come after some samplers in --samplers
-        record["ratio_to_ddpm"] = record["fid"] / ddpm if ddpm else None
     start = time.perf_counter()
     held_out = dm.reference_set("test")
     floor = ev.fid_of_dataset(metric, held_out, args.num_samples, batch, device, cache,

@@ -154,7 +154,7 @@ def test_quality_rescoring_the_checkpoint_gives_the_same_figures(quality_run, mn
     before = {r["key"]: r["fid"] for r in records if r["kind"] == "sampler"}
     now = {r["key"]: r for r in again if r["kind"] == "sampler"}
     assert {k: r["fid"] for k, r in now.items()} == {"ddim5": before["ddim5"], "ddpm20": before["ddpm20"]}
-    assert now["ddim5"]["ratio_to_ddpm"] == pytest.approx(before["ddim5"] / before["ddpm20"])  # DDPM listed last
+    assert now["ddim5"]["ratio_to_ddpm"] == pytest.approx(before["ddim5"] / before["ddpm20"])  # DDPM listed last, scored first
 
 
 @pytest.mark.parametrize("args, words", [
