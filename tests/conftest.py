@@ -66,3 +66,17 @@ def cli_main(monkeypatch, capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def cli_ok(cli_main):
+    """``python -m diffusion ARGS`` in this process, which must succeed: (stdout, stderr). For `sample`, whose work
+    (loading a checkpoint, sampling, writing files) is the same as in a subprocess, which would only add ~8 s of
+    imports per call; runs that start a W&B run or several processes stay in subprocesses."""
+
+    def run(*args) -> tuple[str, str]:
+        code, out, err = cli_main(*args)
+        assert code in (0, None), f"exit {code}\n{out[-3000:]}\n{err[-5000:]}"
+        return out, err
+
+    return run

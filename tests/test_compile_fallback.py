@@ -17,7 +17,7 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch._dynamo.backends.common import aot_autograd
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS
 from diffusion.cli import main
 from diffusion.ema import EMA
 from diffusion.module import DiffusionModel
@@ -133,11 +133,15 @@ def test_the_probe_changes_no_result_and_resume_stays_exact(tmp_path, compile_wi
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(mnist_dir, tmp_path_factory):
-    """A one-step tiny.yaml checkpoint written by the CLI (its hyperparameters say compile_sampling: null)."""
+    """A one-step tiny.yaml checkpoint written by the CLI, in this process (its hyperparameters say
+    compile_sampling: null)."""
     root = tmp_path_factory.mktemp("tiny")
-    run_cli("fit", "--config", CONFIGS / "tiny.yaml", "--data.data_dir", mnist_dir, "--trainer.max_steps", 1,
-            "--trainer.logger", "false", "--trainer.default_root_dir", root, "--trainer.limit_val_batches", 1,
-            "--fid.every_n_epochs", 0, "--sample_grids.every_n_epochs", 0, "--diagnostics.grad_every_n_steps", 0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", sys.argv[:1])  # LightningCLI warns when it sees both args= and a command line
+        patch.delenv("PL_GLOBAL_SEED", raising=False)  # seed_everything's
+        main(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--data.data_dir", str(mnist_dir), "--trainer.max_steps", "1",
+              "--trainer.logger", "false", "--trainer.default_root_dir", str(root), "--trainer.limit_val_batches", "1",
+              "--fid.every_n_epochs", "0", "--sample_grids.every_n_epochs", "0", "--diagnostics.grad_every_n_steps", "0"])
     (ckpt,) = root.rglob("last.ckpt")
     return ckpt
 

@@ -41,10 +41,21 @@ def fit(config, root, mnist_dir, *extra, env=None, check=True):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(config, mnist_dir, tmp_path_factory):
+def straight(config, mnist_dir, tmp_path_factory):
+    """An uninterrupted 30-step run; its checkpoints (every 10 steps) serve the tests that resume from one."""
     root = tmp_path_factory.mktemp("straight")
     fit(config, root, mnist_dir)
-    return final_state(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(straight):
+    return final_state(straight)
+
+
+def checkpoint_at(root, step: int):
+    (path,) = root.rglob(f"checkpoints/*step={step}.ckpt")
+    return path
 
 
 @pytest.mark.parametrize("kill", ["KILL_AT_STEP", "KILL_DURING_SAVE_AT_STEP"])
@@ -58,7 +69,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(kill, config, mnist_dir,
     assert_same_training_state(final_state(tmp_path), uninterrupted, step=30)
 
 
-def test_ddp_two_processes_agree_and_split_the_evaluation(config, mnist_dir, tmp_path):
+def test_ddp_two_processes_agree_and_split_the_evaluation(config, mnist_dir, tmp_path, cli_ok):
     proc = run_cli(
         "fit", "--config", config, "--data.data_dir", mnist_dir, "--trainer.default_root_dir", tmp_path,
         "--trainer.max_steps", 6, "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", 2,
@@ -81,15 +92,15 @@ def test_ddp_two_processes_agree_and_split_the_evaluation(config, mnist_dir, tmp
     assert proc.stdout.count("FID ddim10:") + proc.stderr.count("FID ddim10:") == 1  # printed by rank 0 only
     # The DDP checkpoint loads for single-process sampling.
     (ckpt,) = tmp_path.rglob("checkpoints/last.ckpt")
-    run_cli("sample", "--config", config, "--ckpt_path", ckpt, "--num_samples", 4, "--steps", 5, "--out", tmp_path / "s.png")
+    cli_ok("sample", "--config", config, "--ckpt_path", ckpt, "--num_samples", 4, "--steps", 5, "--out", tmp_path / "s.png",
+           "--trainer.logger", "false")
     assert (tmp_path / "s.png").is_file()
 
 
-def test_resume_on_another_number_of_devices(config, mnist_dir, tmp_path):
-    fit(config, tmp_path, mnist_dir, "--trainer.max_steps", 10)
-    (last,) = tmp_path.rglob("checkpoints/last.ckpt")
-    fit(config, tmp_path, mnist_dir, "--trainer.max_steps", 14, "--ckpt_path", last, "--trainer.strategy", "ddp",
-        "--trainer.devices", 2, "--trainer.accelerator", "cpu")
+def test_resume_on_another_number_of_devices(config, mnist_dir, tmp_path, straight):
+    # The single-process run's step-10 checkpoint, resumed by two processes.
+    fit(config, tmp_path, mnist_dir, "--trainer.max_steps", 14, "--ckpt_path", checkpoint_at(straight, 10),
+        "--trainer.strategy", "ddp", "--trainer.devices", 2, "--trainer.accelerator", "cpu")
     records = [json.loads(p.read_text()) for p in sorted(tmp_path.rglob("weights-rank*.json"))]
     assert [(r["world_size"], r["step"]) for r in records] == [(2, 14), (2, 14)]
     assert records[0]["ema"] == records[1]["ema"]
@@ -113,12 +124,15 @@ def test_ddp_spawn_pickles_everything(mnist_dir, tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # rank 0's result came back
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(config, mnist_dir, tmp_path):
-    proc = fit(config, tmp_path, mnist_dir, env={"NAN_AT_STEP": "15"}, check=False)
-    assert proc.returncode == 2, proc.stderr[-3000:]
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(config, mnist_dir, tmp_path, cli_main,
+                                                                           monkeypatch):
+    monkeypatch.setenv("NAN_AT_STEP", "15")
+    code, _, err = cli_main("fit", "--config", config, "--data.data_dir", mnist_dir, "--trainer.default_root_dir",
+                            tmp_path, "--trainer.max_steps", 30, "--trainer.logger", "false", *QUIET_EVAL)
+    assert code == 2, err[-3000:]
     (last,) = tmp_path.rglob("checkpoints/last.ckpt")
-    assert f"The loss is nan at step 15: training stopped. Last good checkpoint: {last}" in proc.stderr.replace("\n", " ")
-    assert "Traceback" not in proc.stderr
+    assert f"The loss is nan at step 15: training stopped. Last good checkpoint: {last}" in err.replace("\n", " ")
+    assert "Traceback" not in err
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["global_step"] == 10
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
@@ -135,10 +149,11 @@ def test_nan_guard_raises_before_the_weights_change(mnist_dir):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_resuming_with_a_checkpoint_of_another_model_says_so(config, mnist_dir, tmp_path):
-    fit(config, tmp_path, mnist_dir, "--trainer.max_steps", 2)
-    (last,) = tmp_path.rglob("checkpoints/last.ckpt")
-    proc = fit(config, tmp_path, mnist_dir, "--ckpt_path", last, "--data.init_args.channels", 3, check=False)
-    assert proc.returncode == 2
-    assert "written for a different model than this config builds (shape mismatch (3): net.conv_in.weight" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_resuming_with_a_checkpoint_of_another_model_says_so(config, mnist_dir, tmp_path, straight, cli_main):
+    # In process: it ends before the first step.
+    code, _, err = cli_main("fit", "--config", config, "--data.data_dir", mnist_dir, "--trainer.default_root_dir", tmp_path,
+                            "--trainer.logger", "false", *QUIET_EVAL, "--ckpt_path", checkpoint_at(straight, 10),
+                            "--data.init_args.channels", 3)
+    assert code == 2, err[-3000:]
+    assert "written for a different model than this config builds (shape mismatch (3): net.conv_in.weight" in err
+    assert "Traceback" not in err
