@@ -31,7 +31,8 @@ TINY_FID = ["--fid.feature_extractor", "fid_helpers.TinyFeatures"]  # FID withou
 def fitted(tmp_path_factory, mnist_dir):
     root = tmp_path_factory.mktemp("run")
     cli("fit", "--config", TINY, "--data.data_dir", mnist_dir, "--trainer.max_steps", 20, "--trainer.log_every_n_steps", 5,
-        "--trainer.default_root_dir", root, *TINY_FID, "--fid.num_samples", 16, "--diagnostics.grad_every_n_steps", 10)
+        "--trainer.default_root_dir", root, *TINY_FID, "--fid.num_samples", 16, "--fid.floor", "true",
+        "--diagnostics.grad_every_n_steps", 10)
     return root
 
 
@@ -108,6 +109,7 @@ def test_fit_logs_fid_per_sampler_timestep_diagnostics_and_sample_grids(fitted):
     assert len(fid_rows) == 1 and fid_rows[0]["trainer/global_step"] == 19  # Lightning logs batch k at step k - 1
     for sampler in ("ddpm1000", "ddim10", "ddim25", "ddim50"):
         assert np.isfinite(fid_rows[0][f"fid/{sampler}"]) and fid_rows[0][f"fid_seconds/{sampler}"] > 0
+    assert np.isfinite(fid_rows[0]["fid/floor"])  # fid.floor: 16 held-out images next to the samplers
     buckets = [f"{lo:03d}-{lo + 99:03d}" for lo in range(0, 1000, 100)]
     assert {f"loss_by_t/{b}" for b in buckets} <= keys  # 20 x 32 draws of t: every bucket is hit
     grad_rows = [r for r in rows if "grad_norm_by_t/000-099" in r]

@@ -188,8 +188,9 @@ class FIDEvaluation(ValidateAtLastStep):
             pl_module.log(f"fid/{key}", r["fid"], sync_dist=True)  # the same on every rank; the mean keeps it
             pl_module.log(f"fid_seconds/{key}", r["seconds"], sync_dist=True)
         if self.floor:
-            floor, _ = self.floor_fid(trainer, pl_module, self.limited("num_samples", pl_module.device))
+            floor, n_floor = self.floor_fid(trainer, pl_module, self.limited("num_samples", pl_module.device))
             pl_module.log("fid/floor", floor, sync_dist=True)
+            rank_zero_info(f"FID floor: {floor:.2f} ({n_floor} held-out images against the same statistics)")
         families: dict[str, tuple[list, list]] = {}
         for r in sorted(results.values(), key=lambda r: r["steps"]):
             name = r["sampler"] if r["guidance"] is None else f"{r['sampler']} w={r['guidance']:g}"
