@@ -40,6 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, however this file is run
+from common import git_commit  # noqa: E402  (standard library only: no torch import for a dry run)
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("tests", "throughput", "quality")
 TIMEOUTS = {"tests": 1200, "throughput": 600, "quality": 1500}  # seconds, per run
@@ -253,7 +256,7 @@ def execute(jobs: list[Job], args, overrides: list[str], previous: Optional[dict
     logs = args.workdir / "logs"
     for job in jobs:
         print(f"[gpu_report] {job.step} ({job.key}): {job.display()}", file=sys.stderr, flush=True)
-        result = {**runner(job, env, logs), "device": device, "git": _git()}
+        result = {**runner(job, env, logs), "device": device, "git": git_commit()}
         if job.step == "tests":
             junit = job.outputs["junit"]
             fresh = read_junit(junit) if junit.is_file() and not result.get("skipped") else {}
@@ -421,7 +424,7 @@ def markdown(report: dict) -> str:
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
-    head = f"GPU report, updated {report.get('updated')}" + (f", git {_git()}" if _git() else "")
+    head = f"GPU report, updated {report.get('updated')}" + (f", git {git_commit()}" if git_commit() else "")
     lines = [head, "", "| what | figure | target | command | device |", "|---|---|---|---|---|"]
     for r in rows(report):
         command = f"`{r['command']}`" if r["command"] != "-" else "-"
@@ -448,16 +451,6 @@ def _last_line(text: str, first: bool = False) -> str:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _git() -> Optional[str]:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=10)
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def device_name() -> str:
