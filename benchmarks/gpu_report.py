@@ -259,7 +259,7 @@ def execute(jobs: list[Job], args, overrides: list[str], previous: Optional[dict
         result = {**runner(job, env, logs), "device": device, "git": git_commit()}
         if job.step == "tests":
             junit = job.outputs["junit"]
-            fresh = read_junit(junit) if junit.is_file() and not result.get("skipped") else {}
+            fresh = read_junit(junit) if junit.is_file() else {}
             if not fresh and result.get("ok") is not False:
                 result.update(ok=False, error="pytest wrote no results (no test selected?)")
             old = steps.get("tests", {})
@@ -275,7 +275,7 @@ def execute(jobs: list[Job], args, overrides: list[str], previous: Optional[dict
             if result.get("stdout"):
                 result["records"] = json_lines(Path(result["stdout"]))
             steps[job.step] = result
-        status = "skipped" if result.get("skipped") else "ok" if result.get("ok") else f"FAILED ({result.get('error')})"
+        status = "ok" if result.get("ok") else f"FAILED ({result.get('error')})"
         print(f"[gpu_report] {job.step} ({job.key}): {status}", file=sys.stderr, flush=True)
     return {"kind": "gpu_report", "updated": _now(), "config": args.config, "overrides": overrides, "steps": steps}
 
@@ -293,8 +293,6 @@ def _one(run: Optional[dict], kind: str) -> Optional[dict]:
 def _missing(run: Optional[dict], what: str = "not measured") -> str:
     if not run:
         return "not run"
-    if run.get("skipped"):
-        return f"skipped: {run.get('reason')}"
     if not run.get("ok"):
         return f"failed: {run.get('error')}"
     return what
@@ -424,7 +422,8 @@ def markdown(report: dict) -> str:
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
-    head = f"GPU report, updated {report.get('updated')}" + (f", git {git_commit()}" if git_commit() else "")
+    commit = git_commit()
+    head = f"GPU report, updated {report.get('updated')}" + (f", git {commit}" if commit else "")
     lines = [head, "", "| what | figure | target | command | device |", "|---|---|---|---|---|"]
     for r in rows(report):
         command = f"`{r['command']}`" if r["command"] != "-" else "-"

@@ -339,10 +339,10 @@ class DiffusionModel(LightningModule):
         # One kernel for all parameters instead of a loop over them (CUDA; CPU too where asked explicitly).
         fused = self.switch_on("fused_optimizer")
         optimizer = torch.optim.AdamW(groups, lr=self.scaled_lr(), betas=tuple(self.hparams.betas), fused=fused or None)
-        decay = self.hparams.get("lr_decay", "none")
-        if not self.hparams.warmup_steps and decay == "none":
+        if not self.hparams.warmup_steps and self._lr_decay == "none":
             return optimizer
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Warmup(self.hparams.warmup_steps, decay, self._last_step()))
+        schedule = _Warmup(self.hparams.warmup_steps, self._lr_decay, self._last_step())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -359,9 +359,13 @@ class DiffusionModel(LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    @property
+    def _lr_decay(self) -> str:
+        return self.hparams.get("lr_decay", "none")  # checkpoints from before lr_decay existed have none
+
     def _last_step(self) -> Optional[float]:
         """The step where ``lr_decay`` reaches 0 (None without a decay)."""
-        decay = self.hparams.get("lr_decay", "none")
+        decay = self._lr_decay
         if decay == "none":
             return None
         total = self.trainer.estimated_stepping_batches
@@ -399,7 +403,7 @@ class DiffusionModel(LightningModule):
         lr, factor = self.scaled_lr(), 1.0
         if warmup:
             for f in scheduler.lr_lambdas:
-                f.steps, f.decay, f.total = self.hparams.warmup_steps, self.hparams.get("lr_decay", "none"), self._last_step()
+                f.steps, f.decay, f.total = self.hparams.warmup_steps, self._lr_decay, self._last_step()
             scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
             factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
         for group, weight_decay in zip(optimizers[0].param_groups, (self.hparams.weight_decay, 0.0)):

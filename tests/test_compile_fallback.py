@@ -17,7 +17,7 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch._dynamo.backends.common import aot_autograd
 
-from conftest import CONFIGS
+from conftest import CONFIGS, main_in_process
 from diffusion.cli import main
 from diffusion.ema import EMA
 from diffusion.module import DiffusionModel
@@ -137,11 +137,11 @@ def tiny_checkpoint(mnist_dir, tmp_path_factory):
     compile_sampling: null)."""
     root = tmp_path_factory.mktemp("tiny")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", sys.argv[:1])  # LightningCLI warns when it sees both args= and a command line
-        patch.delenv("PL_GLOBAL_SEED", raising=False)  # seed_everything's
-        main(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--data.data_dir", str(mnist_dir), "--trainer.max_steps", "1",
-              "--trainer.logger", "false", "--trainer.default_root_dir", str(root), "--trainer.limit_val_batches", "1",
-              "--fid.every_n_epochs", "0", "--sample_grids.every_n_epochs", "0", "--diagnostics.grad_every_n_steps", "0"])
+        code = main_in_process(patch, "fit", "--config", CONFIGS / "tiny.yaml", "--data.data_dir", mnist_dir,
+                               "--trainer.max_steps", 1, "--trainer.logger", "false", "--trainer.default_root_dir", root,
+                               "--trainer.limit_val_batches", 1, "--fid.every_n_epochs", 0,
+                               "--sample_grids.every_n_epochs", 0, "--diagnostics.grad_every_n_steps", 0)
+    assert code is None
     (ckpt,) = root.rglob("last.ckpt")
     return ckpt
 
