@@ -3,8 +3,11 @@
 from diffusion.data import DiffusionDataModule
 from diffusion.ema import EMA
 from diffusion.module import DiffusionModel
-from diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, make_timesteps
+from diffusion.objective import Objective
+from diffusion.optim import Optimization
+from diffusion.samplers import SAMPLERS, SamplingDefaults, ddim_sample, ddpm_sample, make_timesteps
 from diffusion.schedule import NoiseSchedule
+from diffusion.speed import SpeedSwitches
 from diffusion.unet import UNet
 
 __all__ = [
@@ -13,9 +16,13 @@ __all__ = [
     "DiffusionDataModule",
     "DiffusionModel",
     "NoiseSchedule",
+    "Objective",
+    "Optimization",
+    "SamplingDefaults",
+    "SpeedSwitches",
     "UNet",
     "ddim_sample",
     "ddpm_sample",
     "make_timesteps",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -18,6 +18,7 @@ The arithmetic stays fp32 whatever precision the denoiser runs in.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -215,6 +216,30 @@ def get_sampler(name: str) -> Callable[..., Tensor]:
         return SAMPLERS[name]
     except KeyError:
         raise ConfigError(f"Unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}.") from None
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What ``sample`` (and ``predict``) use when not told otherwise.
+
+    Args:
+        sampler: a name from ``SAMPLERS``.
+        steps: sampling steps (``ddpm`` always takes all T unless given explicitly).
+        eta: DDIM's noise scale (0: deterministic; 1: DDPM-like).
+        guidance: classifier-free guidance scale w of a class-conditional model (0: the plain conditional model).
+        clip_x0: clip each step's x0 estimate to [-1, 1].
+    """
+
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    guidance: float = 0.0
+    clip_x0: bool = True
+
+    def __post_init__(self) -> None:
+        get_sampler(self.sampler)
+        if self.steps < 1:
+            raise ConfigError(f"sampling.steps must be positive, got {self.steps}.")
 
 
 def slerp(a: Tensor, b: Tensor, weights: Sequence[float] | Tensor) -> Tensor:

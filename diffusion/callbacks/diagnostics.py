@@ -119,7 +119,7 @@ class TimestepDiagnostics(Callback):
                 t = torch.randint(lo, hi + 1, (x0.shape[0],), generator=g).to(x0.device)
                 noise = torch.randn(x0.shape, generator=g).to(x0.device)
                 with trainer.precision_plugin.forward_context():
-                    loss = pl_module.loss(x0, t, noise).mean()
+                    loss = pl_module.objective.loss(pl_module, x0, t=t, noise=noise)[0].mean()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 norms[b] = torch.linalg.vector_norm(
                     torch.stack([torch.linalg.vector_norm(x.float()) for x in grads if x is not None])

@@ -76,7 +76,7 @@ class SampleGrids(ValidateAtLastStep):
                 firsts.setdefault(spec.guidance, spec)
             for spec in firsts.values():
                 images = self.class_rows(trainer, module, spec, shape, num_classes, pl_module.device)
-                w = module.hparams.get("sample_guidance", 0.0) if spec.guidance is None else spec.guidance
+                w = module.sampling.guidance if spec.guidance is None else spec.guidance
                 self._emit(trainer, f"samples/classes_w{w:g}", labelled_rows(images, module_class_names(trainer, num_classes)),
                            f"classes-w{w:g}-{tag}", f"one row per class, {spec.text}, guidance w={w:g}, step {trainer.global_step}")
         if self.forward_frames > 0 and not self._strip_done:
