@@ -6,37 +6,36 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torchvision.utils import save_image
 
 from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, TimestepDiagnostics
+from diffusion.callbacks.budget import TrainingBudget
+from diffusion.callbacks.final_checkpoint import FinalCheckpoint
 from diffusion.data import DiffusionDataModule
-from diffusion.ema import EMA
-from diffusion.module import DiffusionModel, state_dict_mismatch
+from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, state_dict_mismatch
 from diffusion.samplers import slerp
 from diffusion.errors import CheckpointError, ConfigError, find_user_error
 from diffusion.progress import StepProgress, close_open_bars, progress_bars
-
-# The model's hyperparameters that its weights depend on: with --ckpt_path the checkpoint's values stand.
-WEIGHT_HPARAMS = ("net", "schedule", "num_timesteps", "beta_start", "beta_end", "prediction")
-
+from diffusion.runs import (
+    SaveAndLogConfig, config_name, cpu_has_native_bf16, is_wandb, new_run_id, run_root,
+)
 
 def unreadable_checkpoint(path, error: Exception) -> CheckpointError:
     return CheckpointError(
@@ -57,6 +56,7 @@ def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> dict:
         raise unreadable_checkpoint(path, e) from e
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'.")
+    check_checkpoint_layout(checkpoint, path)
     state = checkpoint["state_dict"]
     details = state_dict_mismatch(model.state_dict(), state)
     if details:
@@ -105,93 +105,6 @@ def check_output_path(out: str | Path) -> Path:
     return path
 
 
-def config_name(config: Namespace) -> Optional[str]:
-    """The recipe's name: the stem of the last --config file (configs/mnist.yaml -> mnist), None without one."""
-    files = config.get("config") or []
-    return Path(str(files[-1])).stem if files else None
-
-
-def _plain(value: Any) -> Any:
-    """Config values as YAML/JSON types (jsonargparse keeps paths as its own Path objects)."""
-    if isinstance(value, dict):  # without jsonargparse's bookkeeping, e.g. __path__ of a sub-config's file
-        return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("__")}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
-
-
-def by_class_name(items: list) -> dict:
-    """A list of class_path/init_args entries keyed by class name (``EMA``, ``ModelCheckpoint``, ``_2`` for a
-    repeat), so that dashboards, which filter nested dicts but not lists, can filter on their arguments."""
-    named: dict[str, Any] = {}
-    for item in items:
-        name = str(item.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(item, dict) else str(item)
-        key, n = name, 2
-        while key in named:
-            key, n = f"{name}_{n}", n + 1
-        named[key] = item
-    return named
-
-
-def loggable_config(config: Namespace) -> dict:
-    """The whole parsed config as plain values, trainer callbacks (and a list of loggers) keyed by class name."""
-    plain = _plain(config.clone().as_dict())
-    trainer = plain.get("trainer") or {}
-    for key in ("callbacks", "logger"):
-        if isinstance(trainer.get(key), list):
-            trainer[key] = by_class_name(trainer[key])
-    return plain
-
-
-def run_summary(config: Namespace, trainer: Trainer, pl_module: LightningModule) -> dict:
-    """A flat block to group and compare runs by, read from the running Trainer: devices, precision and batch as
-    resolved (``devices: auto`` on 4 GPUs is 4), not as written."""
-    ema = next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
-    batch = getattr(trainer.datamodule, "batch_size", None)
-    accumulate = trainer.accumulate_grad_batches
-    return {
-        "run/config_name": config_name(config),
-        "run/seed": config.get("seed_everything"),
-        "run/precision": str(trainer.precision),
-        "run/devices": trainer.num_devices,
-        "run/num_nodes": trainer.num_nodes,
-        "run/batch_size": batch,
-        "run/accumulate_grad_batches": accumulate,
-        "run/global_batch": None if batch is None else batch * trainer.world_size * accumulate,
-        "run/lr": pl_module.scaled_lr() if hasattr(pl_module, "scaled_lr") else None,
-        "run/ema_decay": None if ema is None else ema.decay,
-    }
-
-
-class SaveAndLogConfig(SaveConfigCallback):
-    """Writes config.yaml as LightningCLI does, and logs the whole parsed config to every logger, with a flat
-    ``run/*`` block: Lightning logs only the model's and the data's hyperparameters, which leave out the EMA, the
-    evaluation settings, the precision, the devices and the seed that runs are compared by. Rank 0 only."""
-
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if not trainer.loggers:
-            return
-        # With the model's and the data's own hyperparameters, which Lightning logs after this: TensorBoard's
-        # HParams tab keeps the first set a run logs.
-        own = {**getattr(pl_module, "hparams_initial", {}), **getattr(trainer.datamodule, "hparams_initial", {})}
-        own.pop("_class_path", None)  # LightningCLI's bookkeeping, left out as Lightning does
-        params = {**own, **loggable_config(self.config), **run_summary(self.config, trainer, pl_module)}
-        for logger in trainer.loggers:
-            logger.log_hyperparams(params)
-
-
-def is_wandb(logger: Any) -> bool:
-    """Whether a logger's config entry (class_path/init_args) is a WandbLogger."""
-    module, _, name = str(getattr(logger, "class_path", None) or "").rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name) if module else None
-    except (ImportError, AttributeError):
-        return False
-    return isinstance(cls, type) and issubclass(cls, WandbLogger)
-
-
 def command_line_model_keys(args: list[str], config: Namespace) -> dict[str, str]:
     """``--model.X v`` and ``--model.X=v`` arguments of a command line: {key in the config: flag as typed}.
     jsonargparse takes ``--model.lr`` for ``--model.init_args.lr``; keys are resolved to the stored form."""
@@ -213,10 +126,6 @@ def command_line_model_keys(args: list[str], config: Namespace) -> dict[str, str
         else:
             keys[".".join(key)] = flag
     return keys
-
-
-# DiffusionModel's speed switches (the data module's device_resident is not in the checkpoint's model hparams).
-SPEED_SWITCHES = ("compile", "channels_last", "fused_optimizer", "compile_sampling")
 
 
 def on_gpu(accelerator) -> bool:
@@ -268,6 +177,13 @@ class DiffusionCLI(LightningCLI):
         # say where the weights allow.
         subcommand = self.config.get("subcommand")
         given = self.config[subcommand].clone() if subcommand else None
+        ckpt_path = given.get("ckpt_path") if given is not None else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            try:
+                checkpoint = load_checkpoint_file(ckpt_path, map_location="cpu", weights_only=False)
+            except Exception as e:
+                raise unreadable_checkpoint(ckpt_path, e) from e
+            check_checkpoint_layout(checkpoint, ckpt_path)
         try:
             super()._parse_ckpt_path()
         except (SystemExit, KeyboardInterrupt):
@@ -278,8 +194,8 @@ class DiffusionCLI(LightningCLI):
             config = self.config[subcommand]
             # The speed switches are about this machine, not the model (checkpoints are the same whichever are on):
             # this run's config decides, so that e.g. `sample --ckpt_path CKPT` on a CPU does not inherit a GPU's.
-            for name in SPEED_SWITCHES:
-                key = f"model.init_args.{name}"
+            for group in MACHINE_GROUPS:
+                key = f"model.init_args.{group}"
                 if given.get(key, None) != config.get(key, None):
                     config[key] = given.get(key, None)
             self._apply_command_line_model_args(given, config)
@@ -294,7 +210,7 @@ class DiffusionCLI(LightningCLI):
             if mine == theirs:
                 continue
             rest = key.split(".")[1:]
-            if rest[:1] != ["init_args"] or len(rest) < 2 or rest[1] in WEIGHT_HPARAMS:
+            if rest[:1] != ["init_args"] or len(rest) < 2 or rest[1] in WEIGHT_GROUPS:
                 ignored.append(f"{flag} {mine} (the checkpoint's: {theirs})")
             else:
                 config[key] = mine
@@ -320,24 +236,43 @@ class DiffusionCLI(LightningCLI):
         parser.add_lightning_class_args(SampleGrids, "sample_grids")
         parser.add_lightning_class_args(TimestepDiagnostics, "diagnostics")
         parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_lightning_class_args(TrainingBudget, "budget")
+        parser.add_lightning_class_args(FinalCheckpoint, "final_checkpoint")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         # Precision left unset: bf16 mixed precision on a GPU (the schedule and samplers stay fp32), fp32 elsewhere.
+        gpu = on_gpu(config.trainer.get("accelerator"))
         if config.trainer.get("precision") is None:
-            config.trainer.precision = "bf16-mixed" if on_gpu(config.trainer.get("accelerator")) else "32-true"
+            config.trainer.precision = "bf16-mixed" if gpu else "32-true"
+        elif str(config.trainer.precision).startswith("bf16") and not gpu and not cpu_has_native_bf16():
+            rank_zero_warn(
+                f"trainer.precision {config.trainer.precision}: this CPU has no native bf16 (AVX-512 BF16 or AMX), "
+                "where it is slower than fp32; training in 32-true instead.", category=UserWarning)
+            config.trainer.precision = "32-true"
+        # One folder per run, <root>/<run id>: config.yaml, checkpoints/ and the loggers' files.
+        self.run_id = new_run_id()
+        self.run_dir = run_root(config) / self.run_id
+        config.trainer.default_root_dir = str(self.run_dir)  # where a run without loggers writes too
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
-        root = config.trainer.default_root_dir
         for logger in loggers:
             init_args = getattr(logger, "init_args", None)
             if init_args is None:
                 continue
-            # Keep everything a run writes under --trainer.default_root_dir, W&B's offline files included: a
-            # logger's save_dir left at its default ('.' or None) follows default_root_dir.
-            if root and init_args.get("save_dir") in (None, ".", "./"):
-                init_args.save_dir = root
+            # A logger's save_dir left at its default ('.' or None) is the run's folder.
+            if init_args.get("save_dir") in (None, ".", "./"):
+                init_args.save_dir = str(self.run_dir)
             if is_wandb(logger):
+                if "id" in init_args and not init_args.get("id") and not os.environ.get("WANDB_RUN_ID"):
+                    init_args["id"] = self.run_id  # the dashboard's run and the folder share the id
                 self._group_wandb_run(init_args, config)
+
+    def before_fit(self) -> None:
+        # ModelCheckpoint puts its files in <save_dir>/<logger name>/<version>/checkpoints: for W&B that is a folder
+        # named like the project (diffusion/), which from the working directory shadows the package.
+        for cb in self.trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+                cb.dirpath = os.path.realpath(self.run_dir / "checkpoints")
 
     def _group_wandb_run(self, init_args: Namespace, config: Namespace) -> None:
         """W&B's group is the recipe (the config file's name) and its job_type the subcommand, unless the logger's
@@ -370,8 +305,8 @@ class DiffusionCLI(LightningCLI):
         Args:
             ckpt_path: checkpoint written by ``fit`` (its ``state_dict`` holds the EMA weights).
             sampler: a name from the sampler registry, ``ddpm``, ``ddim`` or ``dpmpp2m`` (DPM-Solver++(2M)) (default:
-                the model's ``sample_sampler``).
-            steps: sampling steps (default: all T for ``ddpm``, the model's ``sample_steps`` for the others).
+                the model's ``sampling.sampler``).
+            steps: sampling steps (default: all T for ``ddpm``, the model's ``sampling.steps`` for the others).
             eta: DDIM's noise scale (0: deterministic; 1: DDPM-like).
             num_samples: images to generate.
             batch_size: images per forward pass.
@@ -380,7 +315,7 @@ class DiffusionCLI(LightningCLI):
             save_npz: also write the images as uint8 [N, H, W, C] to ``out`` with suffix ``.npz``.
             class_label: a class-conditional model: generate this class only. Without it, the grid has one row
                 per class (num_samples is rounded up to a multiple of the number of classes).
-            guidance: classifier-free guidance scale w (default: the model's ``sample_guidance``; 0: the plain
+            guidance: classifier-free guidance scale w (default: the model's ``sampling.guidance``; 0: the plain
                 conditional model).
             interpolate: write an interpolation strip of this many images instead: two noises drawn from
                 ``seed``, spherically interpolated, each sampled with a deterministic sampler (``ddim`` with
@@ -412,7 +347,7 @@ class DiffusionCLI(LightningCLI):
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
         chunks = []
-        desc = f"Sampling {num_samples} images with {sampler or model.hparams.sample_sampler}"
+        desc = f"Sampling {num_samples} images with {sampler or model.sampling.sampler}"
         with self.trainer.precision_plugin.forward_context(), \
                 StepProgress(progress_bars(self.trainer), math.ceil(num_samples / batch_size), desc) as progress:
             for begin in range(0, num_samples, batch_size):
@@ -434,8 +369,8 @@ class DiffusionCLI(LightningCLI):
         """x_T for ``sample --interpolate``: one slerp strip between two seeded noises per row, and the labels."""
         if num < 2:
             raise ConfigError(f"--interpolate needs at least 2 images (both endpoints), got {num}.")
-        name = model.hparams.sample_sampler if sampler is None else sampler
-        eta = model.hparams.sample_eta if eta is None else eta
+        name = model.sampling.sampler if sampler is None else sampler
+        eta = model.sampling.eta if eta is None else eta
         if name == "ddpm" or (name == "ddim" and eta):
             raise ConfigError(
                 f"Interpolation needs a deterministic sampler, but {name!r}"

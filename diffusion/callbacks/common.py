@@ -118,18 +118,9 @@ def num_classes_of(module: LightningModule) -> int:
 
 
 def sample_fn(module: LightningModule, trainer: Trainer, spec: ev.SamplerSpec, labels: Optional[Tensor] = None):
-    """``run(x_T, generator, indices)``: samples through ``spec``; a class-conditional model gets ``labels``, or
-    class i mod K for sample i."""
-
-    def run(x_T: Tensor, generator: torch.Generator, indices: Optional[range] = None) -> Tensor:
-        y = labels
-        if y is None and num_classes_of(module):
-            y = ev.class_labels(indices if indices is not None else range(x_T.shape[0]), num_classes_of(module))
-        with trainer.precision_plugin.forward_context():
-            return module.sample(x_T.shape[0], sampler=spec.name, steps=spec.steps, x_T=x_T, generator=generator,
-                                 labels=y, guidance=spec.guidance)
-
-    return run
+    """``run(x_T, generator, indices)``: samples through ``spec`` in the trainer's precision, as the FID scorer
+    does (``evaluation.spec_sampler``); a class-conditional model gets ``labels``, or class i mod K for sample i."""
+    return ev.spec_sampler(module, spec, trainer.precision_plugin.forward_context, labels)
 
 
 def check_guidance(specs: Sequence[ev.SamplerSpec], module: LightningModule, owner: str) -> None:
@@ -144,9 +135,15 @@ def is_last_step(trainer: Trainer) -> bool:
     return trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
 
 
+def stop_requested(trainer: Trainer) -> bool:
+    """Whether a signal (SIGTERM, Ctrl-C) asked the run to stop (see ``FinalCheckpoint``): no time to evaluate."""
+    return any(getattr(cb, "stop_requested", None) for cb in trainer.callbacks)
+
+
 def due(trainer: Trainer, every_n_epochs: int) -> bool:
-    """Evaluate this validation epoch? Every n epochs, and always at the end of training."""
-    if every_n_epochs <= 0 or trainer.sanity_checking:
+    """Evaluate this validation epoch? Every n epochs, and always at the end of training, unless a signal asked
+    the run to stop."""
+    if every_n_epochs <= 0 or trainer.sanity_checking or stop_requested(trainer):
         return False
     if trainer.state.fn != TrainerFn.FITTING:
         return True  # `validate` on its own

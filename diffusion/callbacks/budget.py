@@ -1,0 +1,114 @@
+"""A run bounded by ``max_time`` whose learning-rate schedule fits the steps that the time allows on this machine."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from diffusion.callbacks.common import log_metrics
+from diffusion.errors import ConfigError
+from diffusion.optim import lr_schedule
+
+
+class TrainingBudget(Callback):
+    """Under ``trainer.max_time``, measures the pace of the first steps and fixes the run's length from it: the
+    learning-rate decay reaches 0, and training stops, at the planned step rather than wherever the clock runs
+    out. The plan is revised every ``replan_every`` steps from the pace since the first measurement, so a machine
+    that is slower, or busy for a while, gets fewer steps on the same schedule shape. A ``max_steps`` that comes
+    first still wins. Without ``max_time`` it does nothing.
+
+    Lightning's ``Timer`` stops a run when its time is up but knows nothing of the schedule; a schedule driven by
+    elapsed time would make the learning rate of each step depend on the machine's speed at that moment, so that
+    no two runs (nor a run and its resume) take the same steps.
+
+    Args:
+        skip_steps: steps left out of the pace (start-up, first-call compilation, the first allocations).
+        measure_steps: steps measured before the first plan.
+        replan_every: revise the plan every this many steps (0: plan once).
+        margin: share of the remaining time kept free, for the noise in the pace and the last validation.
+    """
+
+    def __init__(self, skip_steps: int = 5, measure_steps: int = 30, replan_every: int = 100, margin: float = 0.03) -> None:
+        if skip_steps < 0 or measure_steps < 1 or replan_every < 0 or not 0 <= margin < 0.5:
+            raise ConfigError(
+                "TrainingBudget: skip_steps >= 0, measure_steps >= 1, replan_every >= 0 and 0 <= margin < 0.5 "
+                f"(got {skip_steps}, {measure_steps}, {replan_every}, {margin})."
+            )
+        self.skip_steps, self.measure_steps, self.replan_every, self.margin = skip_steps, measure_steps, replan_every, margin
+        self.planned: Optional[int] = None  # the step where the decay ends and training stops
+        self.seconds_per_step: Optional[float] = None
+        self._max_steps: Optional[int] = None  # the configured max_steps (-1: none)
+        self._start_step = 0
+        self._mark: Optional[tuple[int, float]] = None  # (step, time) where this process started measuring
+        self._fresh = True  # no plan from this process's own pace yet (a resumed run measures its machine again)
+
+    def _timer(self, trainer: Trainer) -> Optional[Timer]:
+        return next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+
+    def active(self, trainer: Trainer) -> bool:
+        timer = self._timer(trainer)
+        return timer is not None and timer.time_remaining() is not None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.active(trainer):
+            return
+        if self._max_steps is None:
+            self._max_steps = trainer.max_steps
+        self._start_step, self._mark, self._fresh = trainer.global_step, None, True
+        if self.planned is not None:  # resumed: the checkpoint's plan stands until this machine's pace is known
+            self._apply(trainer, self.planned)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if not self.active(trainer):
+            return
+        step, now = trainer.global_step, time.monotonic()
+        if self._mark is None:
+            if step >= self._start_step + self.skip_steps:
+                self._mark = (step, now)
+            return
+        measured = step - self._mark[0]
+        remaining = self._timer(trainer).time_remaining()
+        if measured <= 0 or remaining is None:
+            return
+        # The pace since the mark, validation and checkpointing included: a stall raises it for the rest of the
+        # run, which then plans fewer steps, rather than being cut off before its schedule ends.
+        pace = (now - self._mark[1]) / measured
+        if self._fresh:
+            due = measured >= self.measure_steps
+        else:  # on schedule, and at once when the plan no longer fits the time left
+            due = (bool(self.replan_every) and measured % self.replan_every == 0) \
+                or (self.planned - step) * pace > remaining * (1 - self.margin / 2)
+        if not due:
+            return
+        plan = step + max(1, math.floor(remaining * (1 - self.margin) / pace))
+        if self._max_steps is not None and self._max_steps > 0:
+            plan = min(plan, self._max_steps)
+        if self._fresh:
+            rank_zero_info(
+                f"Training budget: {pace:.3f} s per step on this machine, so {plan:,} steps fit in the "
+                f"{remaining:.0f} s of max_time left; the learning-rate schedule ends there (revised every "
+                f"{self.replan_every} steps)."
+            )
+        self.seconds_per_step, self._fresh = pace, False
+        self._apply(trainer, plan)
+        log_metrics(trainer, {"budget/planned_steps": float(plan), "budget/seconds_per_step": pace})
+
+    def _apply(self, trainer: Trainer, plan: int) -> None:
+        self.planned = int(plan)
+        trainer.fit_loop.epoch_loop.max_steps = self.planned
+        schedule = lr_schedule(trainer)
+        if schedule is not None:
+            schedule.total = self.planned
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"planned": self.planned, "seconds_per_step": self.seconds_per_step, "max_steps": self._max_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.planned = state_dict.get("planned")
+        self.seconds_per_step = state_dict.get("seconds_per_step")
+        self._max_steps = state_dict.get("max_steps")

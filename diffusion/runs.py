@@ -1,0 +1,148 @@
+"""Where a run writes and what it records: one folder per run, the whole config to every logger, and the
+precision this machine can run.
+
+    runs/<config>/<run id>/config.yaml, checkpoints/, wandb/ (or lightning_logs/ for TensorBoard and CSV)
+
+The run id is W&B's run id where W&B logs (offline by default), so the folder and the dashboard's run match.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Optional
+
+from jsonargparse import Namespace
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+from diffusion.ema import EMA
+
+RUN_ID_ENV = "DIFFUSION_RUN_ID"
+RUNS_ROOT = "runs"
+
+
+def config_name(config: Namespace) -> Optional[str]:
+    """The recipe's name: the stem of the last --config file (configs/mnist.yaml -> mnist), None without one."""
+    files = config.get("config") or []
+    return Path(str(files[-1])).stem if files else None
+
+
+def _plain(value: Any) -> Any:
+    """Config values as YAML/JSON types (jsonargparse keeps paths as its own Path objects)."""
+    if isinstance(value, dict):  # without jsonargparse's bookkeeping, e.g. __path__ of a sub-config's file
+        return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("__")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+
+
+def by_class_name(items: list) -> dict:
+    """A list of class_path/init_args entries keyed by class name (``EMA``, ``ModelCheckpoint``, ``_2`` for a
+    repeat), so that dashboards, which filter nested dicts but not lists, can filter on their arguments."""
+    named: dict[str, Any] = {}
+    for item in items:
+        name = str(item.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(item, dict) else str(item)
+        key, n = name, 2
+        while key in named:
+            key, n = f"{name}_{n}", n + 1
+        named[key] = item
+    return named
+
+
+def loggable_config(config: Namespace) -> dict:
+    """The whole parsed config as plain values, trainer callbacks (and a list of loggers) keyed by class name."""
+    plain = _plain(config.clone().as_dict())
+    trainer = plain.get("trainer") or {}
+    for key in ("callbacks", "logger"):
+        if isinstance(trainer.get(key), list):
+            trainer[key] = by_class_name(trainer[key])
+    return plain
+
+
+def run_summary(config: Namespace, trainer: Trainer, pl_module: LightningModule) -> dict:
+    """A flat block to group and compare runs by, read from the running Trainer: devices, precision and batch as
+    resolved (``devices: auto`` on 4 GPUs is 4), not as written."""
+    ema = next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
+    batch = getattr(trainer.datamodule, "batch_size", None)
+    accumulate = trainer.accumulate_grad_batches
+    return {
+        "run/config_name": config_name(config),
+        "run/seed": config.get("seed_everything"),
+        "run/precision": str(trainer.precision),
+        "run/devices": trainer.num_devices,
+        "run/num_nodes": trainer.num_nodes,
+        "run/batch_size": batch,
+        "run/accumulate_grad_batches": accumulate,
+        "run/global_batch": None if batch is None else batch * trainer.world_size * accumulate,
+        "run/lr": pl_module.scaled_lr() if hasattr(pl_module, "scaled_lr") else None,
+        "run/ema_decay": None if ema is None else ema.decay,
+    }
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """Writes config.yaml as LightningCLI does, and logs the whole parsed config to every logger, with a flat
+    ``run/*`` block: Lightning logs only the model's and the data's hyperparameters, which leave out the EMA, the
+    evaluation settings, the precision, the devices and the seed that runs are compared by. Rank 0 only."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not trainer.loggers:
+            return
+        # With the model's and the data's own hyperparameters, which Lightning logs after this: TensorBoard's
+        # HParams tab keeps the first set a run logs.
+        own = {**getattr(pl_module, "hparams_initial", {}), **getattr(trainer.datamodule, "hparams_initial", {})}
+        own.pop("_class_path", None)  # LightningCLI's bookkeeping, left out as Lightning does
+        params = {**own, **loggable_config(self.config), **run_summary(self.config, trainer, pl_module)}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params)
+
+
+def is_wandb(logger: Any) -> bool:
+    """Whether a logger's config entry (class_path/init_args) is a WandbLogger."""
+    module, _, name = str(getattr(logger, "class_path", None) or "").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, WandbLogger)
+
+
+_made_here: set[str] = set()
+
+
+def new_run_id() -> str:
+    """A run id for a new CLI run: ``$DIFFUSION_RUN_ID`` where this process inherited it (a DDP rank, started by the
+    launcher with rank 0's environment; or set by the user), else a new one, exported for the ranks to come."""
+    value = os.environ.get(RUN_ID_ENV)
+    if not value or value in _made_here:  # ours, from an earlier run in this process: not for this one
+        value = os.environ[RUN_ID_ENV] = secrets.token_hex(4)
+        _made_here.add(value)
+    return value
+
+
+def run_id() -> str:
+    """This run's id (see ``new_run_id``)."""
+    return os.environ.get(RUN_ID_ENV) or new_run_id()
+
+
+def run_root(config: Namespace) -> Path:
+    """``--trainer.default_root_dir``, or ``runs/<config name>``: never the working directory itself, where a
+    folder named like a logger's project (``diffusion/``) would shadow the installed package."""
+    root = config.trainer.get("default_root_dir")
+    return Path(root) if root else Path(RUNS_ROOT) / (config_name(config) or "default")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX): elsewhere oneDNN emulates it, slower
+    than fp32. Linux reads /proc/cpuinfo; other systems are taken to have it (their users set the precision)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return True
+    return flags is None or bool({"avx512_bf16", "amx_bf16"} & set(flags))

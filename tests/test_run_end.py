@@ -1,0 +1,167 @@
+"""How a fit ends: a time budget whose schedule completes on any machine, last.ckpt at the final step whatever
+ends the run, one folder per run, and bf16 only where the CPU has it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from conftest import CONFIGS
+from diffusion.callbacks.budget import TrainingBudget
+from diffusion.callbacks.final_checkpoint import FinalCheckpoint
+from diffusion.optim import lr_schedule
+
+# tiny.yaml made smaller still: a few seconds of training on one thread.
+SMALL = [
+    "--model.init_args.net.init_args.channel_mults", "[1, 2]",
+    "--model.init_args.net.init_args.attention_resolutions", "[]",
+    "--model.init_args.objective.init_args.num_timesteps", "20", "--fid.samplers", "[ddim5]",
+    "--fid.test_samplers", "[ddim5]", "--sample_grids.samplers", "[ddim5]",
+    "--data.init_args.batch_size", "8",
+    "--fid.every_n_epochs", "0", "--sample_grids.every_n_epochs", "0", "--diagnostics.grad_every_n_steps", "0",
+    "--trainer.enable_progress_bar", "false",
+]
+
+
+class SlowMachine(Callback):
+    """Each step takes ``seconds`` longer, and one step ``stall`` seconds more (another process on the cores)."""
+
+    def __init__(self, seconds: float = 0.05, stall_at: int = -1, stall: float = 0.0) -> None:
+        self.seconds, self.stall_at, self.stall = seconds, stall_at, stall
+        self.plans: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        time.sleep(self.seconds + (self.stall if trainer.global_step == self.stall_at else 0.0))
+        budget = next(c for c in trainer.callbacks if isinstance(c, TrainingBudget))
+        if budget.planned is not None and (not self.plans or self.plans[-1] != budget.planned):
+            self.plans.append(budget.planned)
+
+
+class SendSignal(Callback):
+    def __init__(self, signum: int, at_step: int) -> None:
+        self.signum, self.at_step = signum, at_step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture
+def fit(monkeypatch, tmp_path, mnist_dir):
+    """``fit`` of the small tiny.yaml in this process, from tmp_path as the working directory: the CLI object."""
+    from diffusion.cli import DiffusionCLI
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["diffusion"])
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    monkeypatch.setenv("DIFFUSION_DATA_DIR", str(mnist_dir))
+
+    def run(*args, callbacks=()):
+        cli = DiffusionCLI(args=["--config", str(CONFIGS / "tiny.yaml"), *SMALL, *map(str, args)], run=False)
+        cli.trainer.callbacks.extend(callbacks)
+        cli.before_fit()  # what `python -m diffusion fit` runs before Trainer.fit
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return cli
+
+    return run
+
+
+def last_step(cli) -> tuple[Path, int]:
+    path = Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    return path, torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def test_a_time_budget_fits_the_decay_to_a_slow_and_stalling_machine(fit):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # half the speed of the 2 cores, on top of the slow machine
+    # The stall comes right after the first plan (step 2 + 10), before the first revision (every 5 steps).
+    slow = SlowMachine(seconds=0.05, stall_at=13, stall=1.5)
+    try:
+        cli = fit("--trainer.max_time", "00:00:00:08", "--trainer.max_steps", "-1", "--trainer.logger", "false",
+                  "--model.init_args.optim.warmup_steps", "5", "--model.init_args.optim.lr_decay", "cosine",
+                  "--budget.skip_steps", "2", "--budget.measure_steps", "10", "--budget.replan_every", "5",
+                  callbacks=[slow])
+    finally:
+        torch.set_num_threads(threads)
+    budget = next(c for c in cli.trainer.callbacks if isinstance(c, TrainingBudget))
+    schedule = lr_schedule(cli.trainer)
+    steps = cli.trainer.global_step
+    # The plan was fixed from the measured pace, revised down after the stall, and the run trained exactly that.
+    assert len(slow.plans) >= 2 and slow.plans[-1] < slow.plans[0], slow.plans
+    assert steps == budget.planned == schedule.total, (steps, budget.planned, schedule.total)
+    assert schedule(steps) == 0.0 and schedule(steps - 1) < 0.05  # the decay completed at the last step
+    path, saved = last_step(cli)
+    assert saved == steps
+    # The plan is in the checkpoint, so that a resumed run keeps the schedule it started with.
+    state = torch.load(path, map_location="cpu", weights_only=False)["callbacks"]
+    assert any(v.get("planned") == steps for k, v in state.items() if "TrainingBudget" in k)
+
+
+def test_without_max_time_the_budget_leaves_the_run_alone(fit):
+    cli = fit("--trainer.max_steps", "6", "--trainer.logger", "false", "--model.init_args.optim.lr_decay", "cosine")
+    budget = next(c for c in cli.trainer.callbacks if isinstance(c, TrainingBudget))
+    assert budget.planned is None and cli.trainer.global_step == 6 and lr_schedule(cli.trainer).total == 6
+
+
+def test_last_ckpt_holds_the_final_step_of_a_max_steps_run_with_both_weights(fit):
+    # tiny.yaml checkpoints every 100 steps: Lightning alone would leave no last.ckpt at all.
+    cli = fit("--trainer.max_steps", "7", "--trainer.logger", "false")
+    path, saved = last_step(cli)
+    assert saved == 7
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    # The EMA average as state_dict, the raw weights beside it: a resume continues both.
+    raw, ema = ckpt["current_model_state"], ckpt["state_dict"]
+    assert set(raw) == set(ema) and any(not torch.equal(raw[k], ema[k]) for k in raw)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_stops_at_the_step_boundary_and_saves_last_ckpt(fit, signum):
+    previous = signal.getsignal(signum)
+    cli = fit("--trainer.max_steps", "50", "--trainer.logger", "false", "--fid.every_n_epochs", "1",
+              "--fid.num_samples", "4", callbacks=[SendSignal(signum, at_step=4)])
+    assert cli.trainer.global_step == 4 and last_step(cli)[1] == 4
+    final = next(c for c in cli.trainer.callbacks if isinstance(c, FinalCheckpoint))
+    assert final.stop_requested == signal.Signals(signum).name
+    fid = next(c for c in cli.trainer.callbacks if type(c).__name__ == "FIDEvaluation")
+    assert not fid.last_results  # no time to evaluate: the scheduler may kill the job within seconds
+    assert signal.getsignal(signum) is previous  # the handlers are put back
+
+
+def test_each_run_gets_its_own_folder_and_none_is_named_like_the_package(fit, tmp_path, monkeypatch):
+    from diffusion.cli import DiffusionCLI
+
+    monkeypatch.delenv("WANDB_DIR")  # the suite's, which would put W&B's files in tmp_path
+    fit("--trainer.max_steps", "1", "--trainer.logger", "false")  # chdir to tmp_path and the data, as the others
+    import wandb
+
+    clis = []
+    for _ in range(2):  # `python -m diffusion fit` twice from the same folder
+        clis.append(DiffusionCLI(args=["fit", "--config", str(CONFIGS / "tiny.yaml"), *SMALL, "--trainer.max_steps", "2"]))
+        wandb.finish()  # as the process's exit does: Lightning's logger would reuse a W&B run still open
+    first, second = clis
+    runs = sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir())
+    assert len(runs) == 3 and first.run_id != second.run_id and {first.run_id, second.run_id} < set(runs)
+    for cli in (first, second):
+        folder = tmp_path / "runs" / "tiny" / cli.run_id
+        assert (folder / "config.yaml").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
+        assert any((folder / "wandb").glob(f"offline-run-*-{cli.run_id}"))  # the W&B run has the folder's id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing else in the working directory
+
+
+def test_bf16_falls_back_to_fp32_on_a_cpu_without_it(fit, monkeypatch):
+    import diffusion.cli
+
+    monkeypatch.setattr(diffusion.cli, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16.*32-true"):
+        cli = fit("--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.precision", "bf16-mixed")
+    assert str(cli.trainer.precision) == "32-true"
+    monkeypatch.setattr(diffusion.cli, "cpu_has_native_bf16", lambda: True)
+    assert str(fit("--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.precision",
+                   "bf16-mixed").trainer.precision) == "bf16-mixed"
