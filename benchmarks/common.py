@@ -27,7 +27,7 @@ QUICK_OVERRIDES = [
     "--model.init_args.net.init_args.num_res_blocks", "1",
     "--model.init_args.net.init_args.attention_resolutions", "[14]",
     "--model.init_args.net.init_args.num_heads", "2",
-    "--model.init_args.num_timesteps", "20",
+    "--model.init_args.objective.init_args.num_timesteps", "20",
     "--data.init_args.batch_size", "8",
     "--data.init_args.num_workers", "0",
 ]

@@ -48,10 +48,10 @@ STEPS = ("tests", "throughput", "quality")
 TIMEOUTS = {"tests": 1200, "throughput": 600, "quality": 1500}  # seconds, per run
 # Each switch and the override that turns it off (the config leaves them null: on on a GPU).
 SWITCHES = {
-    "compile": ["--model.init_args.compile", "false"],
-    "channels_last": ["--model.init_args.channels_last", "false"],
-    "fused_optimizer": ["--model.init_args.fused_optimizer", "false"],
-    "compile_sampling": ["--model.init_args.compile_sampling", "false"],
+    "compile": ["--model.init_args.speed.compile", "false"],
+    "channels_last": ["--model.init_args.speed.channels_last", "false"],
+    "fused_optimizer": ["--model.init_args.speed.fused_optimizer", "false"],
+    "compile_sampling": ["--model.init_args.speed.compile_sampling", "false"],
     "device_resident": ["--data.init_args.device_resident", "false"],
     "bf16": ["--trainer.precision", "32-true"],
 }

@@ -33,7 +33,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, however this file is run
 from common import (  # noqa: E402
     QUICK_OVERRIDES, ROOT, Emitter, device_name, diffusion_cli, fmt, guarded_main, resolve_fid_weights, software,
-    split_overrides, sync,
+    split_overrides,
 )
 
 DEFAULT_SAMPLERS = "ddpm1000,ddim10,ddim25,ddim50,dpmpp2m10,dpmpp2m20"
@@ -157,7 +157,8 @@ def load(args, overrides: list[str], out: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def score(cli, args, emit, out: Path) -> tuple[list[dict], dict]:
-    """FID of each sampler and of the held-out floor; one record each."""
+    """FID of each sampler and of the held-out floor through ``FIDScorer`` (what the FID callback runs), with the
+    config's FID settings (features, weights, cache, batch) and ``--seed``; one record each."""
     from diffusion import evaluation as ev
     from diffusion.callbacks import FIDEvaluation
     from diffusion.cli import save_grid
@@ -173,48 +174,35 @@ def score(cli, args, emit, out: Path) -> tuple[list[dict], dict]:
         from diffusion.errors import ConfigError
 
         raise ConfigError(f"Cannot score: {reason}.")
-    cache = Path(args.fid_cache) if args.fid_cache else fid.cache_dir
-    batch = args.sample_batch_size or fid.batch_size
-    T = model.schedule.num_timesteps
-    specs = ev.parse_samplers(args.sampler_list, T)
+    specs = ev.parse_samplers(args.sampler_list, model.schedule.num_timesteps)
     dm.setup("fit")
     bars = progress_bars(enabled=trainer.progress_bar_callback is not None)
-    metric = ev.make_fid(fid.feature_extractor, fid.weights_path).to(device)
+    scorer = ev.FIDScorer(fid.feature_extractor, fid.weights_path, Path(args.fid_cache) if args.fid_cache else fid.cache_dir,
+                          args.sample_batch_size or fid.batch_size, args.seed)
     start = time.perf_counter()
-    path, hit = ev.ensure_real_stats(metric, dm.reference_set("train"), ev.stats_key(dm, "train", fid.feature_extractor,
-                                     fid.weights_path), cache, args.num_real or None, batch, device, progress=bars)
-    common = {"num_samples": args.num_samples, "num_real": int(metric.real_features_num_samples), "features": features}
-    emit({"kind": "reference", **common, "seconds": time.perf_counter() - start, "cache_hit": hit, "cache": str(path)})
-    shape = (model.net.in_channels, model.net.image_size, model.net.image_size)
-    precision = trainer.precision_plugin.forward_context
+    scorer.prepare(dm, device, args.num_real or None, progress=bars)
+    common = {"num_samples": args.num_samples, "num_real": scorer.real["num_real"], "features": features}
+    emit({"kind": "reference", **common, "seconds": time.perf_counter() - start, "cache_hit": scorer.real["hit"],
+          "cache": str(scorer.real["path"])})
     results, ddpm = [], None
     # DDPM first, so that each sampler's line carries its ratio when it is printed.
     for spec in sorted(specs, key=lambda s: not (s.name == "ddpm" and s.guidance is None)):
-        def sample(x_T, generator, indices, spec=spec):
-            with precision():
-                return model.sample(len(indices), sampler=spec.name, steps=spec.steps, x_T=x_T, generator=generator,
-                                    labels=ev.class_labels(indices, model.num_classes), guidance=spec.guidance)
-
-        start = time.perf_counter()
-        value, sampling, images = ev.fid_of_samples(metric, sample, args.num_samples, shape, args.seed, batch, device,
-                                                    keep=args.grid, progress=bars, desc=f"FID {spec.key}")
-        sync(device)
-        total = time.perf_counter() - start
+        r = scorer.score(model, spec, args.num_samples, precision=trainer.precision_plugin.forward_context,
+                         progress=bars, keep=args.grid)
         if args.grid:
-            save_grid(images, out / f"samples-{spec.key}.png")
+            save_grid(r["images"], out / f"samples-{spec.key}.png")
         if spec.name == "ddpm" and spec.guidance is None:
-            ddpm = value
+            ddpm = r["fid"]
+        sampling = r["seconds"]
         record = {"kind": "sampler", "spec": spec.text, "key": spec.key, "sampler": spec.name, "steps": spec.steps,
-                  "guidance": spec.guidance, "fid": value, "ratio_to_ddpm": value / ddpm if ddpm else None,
-                  "sampling_seconds": sampling, "inception_seconds": total - sampling,
+                  "guidance": spec.guidance, "fid": r["fid"], "ratio_to_ddpm": r["fid"] / ddpm if ddpm else None,
+                  "sampling_seconds": sampling, "inception_seconds": r["inception_seconds"],
                   "images_per_s": args.num_samples / sampling if sampling > 0 else None, **common}
         emit(record)
         results.append(record)
     start = time.perf_counter()
-    held_out = dm.reference_set("test")
-    floor = ev.fid_of_dataset(metric, held_out, args.num_samples, batch, device, cache,
-                              ev.stats_key(dm, "test", fid.feature_extractor, fid.weights_path), progress=bars)
-    floor_record = {"kind": "floor", "fid": floor, "held_out_images": min(len(held_out), args.num_samples),
+    floor, held_out_images = scorer.floor(dm, args.num_samples, progress=bars)
+    floor_record = {"kind": "floor", "fid": floor, "held_out_images": held_out_images,
                     "seconds": time.perf_counter() - start, **common}
     emit(floor_record)
     return results, floor_record

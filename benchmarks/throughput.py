@@ -136,7 +136,7 @@ def count_flops(pristine, device, precision: str, batch_size: int, seed: int) ->
     model.train()
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         with precision_context(precision, device):
-            loss = model.loss(x0, t, y=y).mean()
+            loss = model.training_loss(x0 if y is None else [x0, y])[0].mean()  # the training step's loss
         loss.backward()
     train = counter.get_total_flops() / b
     model.eval()
@@ -208,7 +208,7 @@ def run_lightning(cli, model, ema_cb, args, device, precision: str, workdir: Pat
         # itself (fused AdamW; the module handles bf16): say so rather than measure something else.
         raise ConfigError(
             f"Lightning cannot train this config: {e} (precision {precision}, fused AdamW, gradient_clip_val "
-            f"{cli.trainer.gradient_clip_val}). Benchmark it with `-- --model.init_args.fused_optimizer false` or "
+            f"{cli.trainer.gradient_clip_val}). Benchmark it with `-- --model.init_args.speed.fused_optimizer false` or "
             "`-- --trainer.gradient_clip_val 0`, or with --only sample,eval."
         ) from e
     if timer.start is None or timer.end is None:
@@ -234,7 +234,7 @@ def run_bare(pristine, cli, ema_cb, args, device, precision: str) -> dict[str, A
         kwargs = getattr(ema_cb, "_kwargs", None) or {"multi_avg_fn": EMAUpdate(ema_cb.decay)}
         average = AveragedModel(model, use_buffers=getattr(ema_cb, "_use_buffers", True), **kwargs).to(device)
         average.module.apply_memory_format(device)  # as EMA.on_fit_start does
-    if model.switch_on("compile", device):
+    if model.speed.enabled("compile", device):
         model.net.compile()  # in place, as DiffusionModel.setup does for fit
     configured = model.configure_optimizers()
     optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
@@ -251,17 +251,13 @@ def run_bare(pristine, cli, ema_cb, args, device, precision: str) -> dict[str, A
         if len(batches) == min(8, args.warmup_steps + args.steps):
             break
     del loader
-    T = model.schedule.num_timesteps
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(i: int) -> int:
         batch = batches[i % len(batches)]
-        x0, y = model._batch(batch)
-        if y is not None and model.hparams.label_dropout:
-            y = model.drop_labels(y)
-        t = torch.randint(0, T, (x0.shape[0],), device=device)
         with precision_context(precision, device):
-            loss = model.loss(x0, t, y=y).mean()
+            # What training_step computes before logging: labels from the batch, label dropout, t uniform.
+            loss = model.training_loss(batch)[0].mean()
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -282,7 +278,7 @@ def run_bare(pristine, cli, ema_cb, args, device, precision: str) -> dict[str, A
             scheduler.step()
         if average is not None and ema_cb.should_update(step_idx=i):
             average.update_parameters(model)
-        return x0.shape[0]
+        return _images(batch).shape[0]
 
     reset_peak(device)
     for i in range(args.warmup_steps):
@@ -351,7 +347,7 @@ def bench_sample(pristine, specs, flops, args, device, precision, base) -> list[
     labels = module.sample_labels(B)
     records, warmed = [], set()
     for spec in specs:
-        w = float(module.hparams.sample_guidance if spec.guidance is None else spec.guidance)
+        w = float(module.sampling.guidance if spec.guidance is None else spec.guidance)
         denoiser = module.denoiser(labels, spec.guidance)
         calls = 0
 
@@ -360,15 +356,15 @@ def bench_sample(pristine, specs, flops, args, device, precision, base) -> list[
             calls += 1
             return _denoiser(x, t)
 
-        options = {"clip_x0": module.hparams.clip_x0}
+        options = {"clip_x0": module.sampling.clip_x0}
         if spec.name == "ddim":
-            options["eta"] = module.hparams.sample_eta
+            options["eta"] = module.sampling.eta
         fn = get_sampler(spec.name)
         timesteps = make_timesteps(T, spec.steps)
         with precision_context(precision, device):
             if w not in warmed:
                 get_sampler("ddim")(denoiser, module.schedule, x_T, make_timesteps(T, min(3, T)),
-                                    torch.Generator().manual_seed(args.seed + 1), clip_x0=module.hparams.clip_x0)
+                                    torch.Generator().manual_seed(args.seed + 1), clip_x0=module.sampling.clip_x0)
                 warmed.add(w)
             reset_peak(device)
             generator = torch.Generator().manual_seed(args.seed + 1)
@@ -407,7 +403,7 @@ def _mark_class():
         def _mark(self, trainer, pl_module, stage: str) -> None:
             if self.role == "start":
                 start = time.perf_counter()
-                self.fid.metric(trainer, pl_module)
+                self.fid.scorer(trainer, pl_module)  # the metric, holding the real statistics
                 sync(pl_module.device)
                 self.times.setdefault("real_stats_seconds", time.perf_counter() - start)
                 with trainer.precision_plugin.forward_context():
@@ -517,8 +513,8 @@ def env_record(cli, model, args, overrides, device, precision, base) -> dict[str
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "config": args.config, "quick": args.quick, "overrides": (QUICK_OVERRIDES if args.quick else []) + overrides,
         "parts": args.parts,
-        "switches": {name: model.switch_on(name, device) for name in SWITCHES},
-        "switches_configured": {name: model.hparams.get(name) for name in SWITCHES},
+        "switches": {name: model.speed.enabled(name, device) for name in SWITCHES},
+        "switches_configured": {name: getattr(model.speed, name) for name in SWITCHES},
         "data_switches": {k: v for k, v in getattr(dm, "hparams", {}).items() if k in ("device_resident",)},
         "parameters": sum(p.numel() for p in model.parameters()),
         "image_shape": [net.in_channels, net.image_size, net.image_size],

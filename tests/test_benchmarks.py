@@ -56,6 +56,7 @@ def test_quick_cpu_run_reports_every_kind_with_measured_figures(quick_run):
     env = records[0]
     assert env["torch"] and env["lightning"] and env["device_name"] and env["quick"] is True
     assert env["switches"] == {"compile": False, "channels_last": False, "fused_optimizer": False, "compile_sampling": False}
+    assert env["switches_configured"] == dict.fromkeys(env["switches"])  # the config's speed group: null, GPU-only
     assert positive(env["parameters"]) and env["num_timesteps"] == 20
 
     (train,) = [r for r in records if r["kind"] == "train"]
@@ -153,7 +154,7 @@ def test_quality_rescoring_the_checkpoint_gives_the_same_figures(quality_run, mn
     assert again[1]["skipped"] and again[1]["steps"] == 3 and again[2]["cache_hit"]
     before = {r["key"]: r["fid"] for r in records if r["kind"] == "sampler"}
     now = {r["key"]: r for r in again if r["kind"] == "sampler"}
-    assert {k: r["fid"] for k, r in now.items()} == {"ddim5": before["ddim5"], "ddpm20": before["ddpm20"]}
+    assert {k: r["fid"] for k, r in now.items()} == {"ddim5": before["ddim5"], "ddpm20": before["ddpm20"]}  # same weights, seeds, machine: exact
     assert now["ddim5"]["ratio_to_ddpm"] == pytest.approx(before["ddim5"] / before["ddpm20"])  # DDPM listed last, scored first
 
 

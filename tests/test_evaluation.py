@@ -1,3 +1,4 @@
+import math
 import os
 from pathlib import Path
 
@@ -5,12 +6,12 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from conftest import ROOT
+from conftest import CONFIGS, ROOT
 from diffusion import evaluation as ev
 from diffusion.callbacks import FIDEvaluation, TimestepDiagnostics, format_table
 from diffusion.data import DiffusionDataModule, TensorImages
 from diffusion.errors import ConfigError
-from fid_helpers import TinyFeatures
+from fid_helpers import NoiseModel, TinyFeatures, ToyReferenceData, ddp_score, toy_images
 
 
 def fid_weights() -> Path | None:
@@ -75,48 +76,195 @@ def test_rank_shares_cover_every_sample_once():
         assert sorted(i for s in shares for i in s) == list(range(total))
 
 
-# --- FID with a tiny feature extractor ---------------------------------------------------------------------
-def test_fid_of_a_set_against_itself_is_zero_and_against_noise_large(tmp_path, mnist_sets):
+# --- FID with a tiny feature extractor, through FIDScorer -------------------------------------------------
+def test_scorer_gives_zero_for_a_set_against_itself_and_a_large_fid_for_noise(tmp_path, mnist_sets):
     train, _ = mnist_sets
-    metric = ev.make_fid(TinyFeatures())
-    key = {"dataset": "mnist", "split": "train", "image_size": 28}
-    ev.ensure_real_stats(metric, train, key, tmp_path, num=500, batch_size=128, device=CPU)
-    same = ev.fid_of_dataset(metric, Subset(train, ev.reference_indices(len(train), 500)), None, 128, CPU)
+    data = ToyReferenceData(train)
+    data.dataset, data.image_size = "mnist", 28
+    scorer = ev.FIDScorer(TinyFeatures(), cache_dir=tmp_path, batch_size=64).prepare(data, CPU, num_real=500)
+    assert scorer.real["num_real"] == 500 and not scorer.real["hit"]
+    same = ev.fid_of_dataset(scorer.metric, Subset(train, ev.reference_indices(len(train), 500)), None, 128, CPU)
     assert abs(same) < 1e-6
 
-    noise = lambda x_T, generator, indices: x_T.clamp(-1, 1)
-    fid, seconds, kept = ev.fid_of_samples(metric, noise, 200, (1, 28, 28), seed=0, batch_size=64, device=CPU, keep=5)
-    assert fid > 1.0 and seconds >= 0 and kept.shape == (5, 1, 28, 28)
-    real_like = lambda x_T, generator, indices: torch.stack([train[i][0] for i in range(1000, 1000 + len(x_T))])
-    fid_real, _, _ = ev.fid_of_samples(metric, real_like, 200, (1, 28, 28), seed=0, batch_size=64, device=CPU)
-    assert fid_real < 0.1 * fid
+    noise = scorer.score(NoiseModel(image_size=28), ev.SamplerSpec("ddim", 5), 200, keep=5)
+    assert noise["fid"] > 1.0 and noise["seconds"] >= 0 and noise["images"].shape == (5, 1, 28, 28)
+    assert noise["indices"] == [0, 1, 2, 3, 4] and noise["images_per_second"] > 0 and noise["inception_seconds"] > 0
+    assert (noise["key"], noise["sampler"], noise["steps"], noise["guidance"], noise["num_samples"]) == ("ddim5", "ddim", 5, None, 200)
+
+    class RealLike(NoiseModel):
+        def sample(self, num_samples, **kwargs):
+            return torch.stack([train[i][0] for i in range(1000, 1000 + num_samples)])
+
+    real_like = scorer.score(RealLike(image_size=28), ev.SamplerSpec("ddim", 5), 200)
+    assert real_like["fid"] < 0.1 * noise["fid"] and real_like["images"].shape == (0, 1, 28, 28)
 
 
-def test_real_statistics_are_cached_and_invalidated_when_the_data_or_size_change(tmp_path):
-    images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)
-    data = TensorImages(images, torch.zeros(64, dtype=torch.long))
-    key = {"dataset": "toy", "split": "train", "image_size": 8}
+def test_scorer_caches_the_real_statistics_and_invalidates_them_when_the_data_or_size_change(tmp_path):
+    images = toy_images(64).images
+    data = ToyReferenceData(TensorImages(images, torch.zeros(64, dtype=torch.long)))
 
-    def stats(dataset, key, num=None):
-        metric = ev.make_fid(TinyFeatures())
-        path, hit = ev.ensure_real_stats(metric, dataset, key, tmp_path, num, 16, CPU)
-        return path, hit, metric.real_features_sum.clone(), int(metric.real_features_num_samples)
+    def stats(data, num=None):
+        lines = []
+        scorer = ev.FIDScorer(TinyFeatures(), cache_dir=tmp_path, batch_size=16, info=lines.append).prepare(data, CPU, num)
+        path, hit = scorer.real["path"], scorer.real["hit"]
+        assert lines == [f"FID real statistics {'loaded from' if hit else 'computed and cached in'} {path} "
+                         f"({scorer.real['seconds']:.1f} s)."]
+        return path, hit, scorer.metric.real_features_sum.clone(), scorer.real["num_real"], scorer
 
-    path, hit, first, n = stats(data, key)
-    assert not hit and path.is_file() and n == 64
-    path2, hit2, again, _ = stats(data, key)
+    path, hit, first, n, scorer = stats(data)
+    assert not hit and path.is_file() and n == 64 == int(scorer.metric.real_features_num_samples)
+    assert path.parent == tmp_path and path.name.startswith("toy-train-8-")
+    path2, hit2, again, _, _ = stats(data)
     assert hit2 and path2 == path and torch.equal(first, again)
 
     changed = images.clone()
     changed[0, 0, 0, 0] ^= 1
-    assert stats(TensorImages(changed, torch.zeros(64, dtype=torch.long)), key)[0] != path  # other data
-    assert stats(data, {**key, "image_size": 16})[0] != path  # other size
-    assert stats(data, key, num=32)[0] != path  # other number of images
+    assert stats(ToyReferenceData(TensorImages(changed, torch.zeros(64, dtype=torch.long))))[0] != path  # other data
+    bigger = ToyReferenceData(data.reference_set("train"))
+    bigger.image_size = 16
+    assert stats(bigger)[0] != path  # other size
+    assert stats(data, num=32)[0] != path  # other number of images
     assert len(list(Path(tmp_path).glob("*.pt"))) == 4
 
+    # A prepared scorer keeps its statistics (and its metric); another number of images replaces them.
+    metric = scorer.metric
+    assert scorer.prepare(data, CPU).metric is metric
+    assert scorer.prepare(data, CPU, 32).metric is not metric and scorer.real["num_real"] == 32 and scorer.real["hit"]
+
     path.write_bytes(b"truncated")  # a broken cache file is recomputed, not trusted
-    _, hit, recomputed, _ = stats(data, key)
+    _, hit, recomputed, _, _ = stats(data)
     assert not hit and torch.equal(recomputed, first)
+
+
+def test_scorer_caches_the_floor_statistics_like_the_real_ones_and_each_size_once(tmp_path):
+    data = ToyReferenceData(toy_images(64), toy_images(40, seed=1))
+    scorer = ev.FIDScorer(TinyFeatures(), cache_dir=tmp_path, batch_size=16).prepare(data, CPU)
+    first, n = scorer.floor(data, 32)
+    assert n == 32 and math.isfinite(first) and first > 0
+    assert len(list(tmp_path.glob("toy-test-*.pt"))) == 1
+    calls = []
+    scorer.metric.inception.register_forward_hook(lambda *a: calls.append(1))
+    assert scorer.floor(data, 32) == (first, 32) and not calls  # once per size
+    assert scorer.floor(data, 1000)[1] == 40 and calls  # at most the held-out split, computed
+    assert len(list(tmp_path.glob("toy-test-*.pt"))) == 2
+
+    fresh = ev.FIDScorer(TinyFeatures(), cache_dir=tmp_path, batch_size=16).prepare(data, CPU)
+    calls.clear()
+    fresh.metric.inception.register_forward_hook(lambda *a: calls.append(1))
+    assert fresh.floor(data, 32) == (pytest.approx(first, rel=1e-9), 32)
+    assert not calls  # both sides came from the cache
+    held_out = data.reference_set("test")
+    assert ev.fid_of_dataset(fresh.metric, held_out, 32, 16, CPU) == pytest.approx(first, rel=1e-6)  # computed afresh
+
+
+def test_scorer_seeds_each_sample_whatever_the_batch_size_and_the_ranks(tmp_path, monkeypatch):
+    data = ToyReferenceData(toy_images(64))
+    spec = ev.SamplerSpec("ddim", 5)
+
+    def run(batch_size, model=None, **kwargs):
+        scorer = ev.FIDScorer(TinyFeatures(), cache_dir=tmp_path, batch_size=batch_size, seed=3).prepare(data, CPU)
+        return scorer.score(model or NoiseModel(), spec, 10, keep=None, **kwargs)
+
+    whole = run(4)
+    assert whole["images"].shape == (10, 1, 8, 8) and whole["indices"] == list(range(10))
+    assert torch.equal(whole["images"], ev.seeded_noise(range(10), (1, 8, 8), seed=3).clamp(-1, 1))
+    other_batch = run(7)
+    assert torch.equal(other_batch["images"], whole["images"])
+    assert other_batch["fid"] == pytest.approx(whole["fid"], rel=1e-6)
+    assert run(4)["fid"] == whole["fid"]
+
+    # Under DDP each rank samples its block of the indices, with the same noise per sample.
+    for rank in range(3):
+        monkeypatch.setattr(ev, "dist_info", lambda rank=rank: (rank, 3))
+        share = run(4)
+        assert share["indices"] == list(ev.rank_share(10, rank, 3))
+        assert torch.equal(share["images"], whole["images"][share["indices"]])
+    monkeypatch.undo()
+
+    # The sampler's own noise is seeded per batch (from its first index), not by the RNG's history.
+    noisy = run(4, NoiseModel(noisy=True))
+    torch.manual_seed(123)
+    assert torch.equal(run(4, NoiseModel(noisy=True))["images"], noisy["images"])
+    assert not torch.equal(noisy["images"], whole["images"])
+
+
+def test_scorer_under_ddp_splits_the_samples_and_reports_the_slowest_ranks_time(tmp_path):
+    """Two gloo ranks: each samples its block of the indices with the same noise per sample as one process; the
+    FID, the floor and the statistics (computed across the ranks, then cached) are one process's; the time is
+    that of rank 1, which sleeps 0.5 s per batch."""
+    import torch.multiprocessing as mp
+
+    data = ToyReferenceData(toy_images(64), toy_images(40, seed=1))
+    single = ev.FIDScorer(TinyFeatures(), cache_dir=tmp_path / "single", batch_size=4, seed=3).prepare(data, CPU)
+    whole = single.score(NoiseModel(), ev.SamplerSpec("ddim", 5), 10, keep=None)
+    floor = single.floor(data, 32)
+    mp.spawn(ddp_score, args=(2, str(tmp_path / "pg"), str(tmp_path / "ddp-cache"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for run, hit in enumerate((False, True)):  # the first computes the statistics across the ranks, the second loads them
+        for rank in range(2):
+            got = ranks[rank][run]
+            r = got["result"]
+            assert r["indices"] == list(ev.rank_share(10, rank, 2))
+            assert torch.equal(r["images"], whole["images"][r["indices"]])
+            assert r["fid"] == pytest.approx(whole["fid"], rel=1e-5)
+            assert r["seconds"] >= 1.0  # rank 1: two batches (5-8, 9) of 0.5 s, on every rank
+            assert got["floor"][0] == pytest.approx(floor[0], rel=1e-5) and got["floor"][1] == 32
+            assert got["real"]["hit"] == hit and got["real"]["num_real"] == 64
+        assert ranks[0][run]["result"]["seconds"] == ranks[1][run]["result"]["seconds"]
+    (cached,) = (tmp_path / "single").glob("toy-train-*.pt")  # the same key, and the same statistics
+    assert torch.allclose(torch.load(tmp_path / "ddp-cache" / cached.name)["real_features_sum"],
+                          torch.load(cached)["real_features_sum"], rtol=1e-12)
+
+
+def test_scorer_samples_through_the_spec_with_class_labels_in_the_precision_context(tmp_path):
+    data = ToyReferenceData(toy_images(64))
+    scorer = ev.FIDScorer(TinyFeatures(), cache_dir=tmp_path, batch_size=4).prepare(data, CPU)
+    model = NoiseModel(num_classes=3)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    scorer.score(model, ev.SamplerSpec.parse("dpmpp2m7@w2"), 10, precision=bf16)
+    assert [c["num_samples"] for c in model.calls] == [4, 4, 2]
+    assert all((c["sampler"], c["steps"], c["guidance"], c["autocast"]) == ("dpmpp2m", 7, 2.0, True) for c in model.calls)
+    assert torch.cat([c["labels"] for c in model.calls]).tolist() == [i % 3 for i in range(10)]
+    unconditional = NoiseModel()
+    scorer.score(unconditional, ev.SamplerSpec("ddpm", 20), 3)
+    assert [(c["labels"], c["autocast"]) for c in unconditional.calls] == [(None, False)]
+    with pytest.raises(RuntimeError, match="prepare"):
+        ev.FIDScorer(TinyFeatures()).score(model, ev.SamplerSpec("ddim", 5), 4)
+
+
+def test_fid_callback_and_quality_benchmark_give_the_same_fid(tmp_path, mnist_dir):
+    """The same model, samplers and seed: FIDEvaluation (in `validate`) and benchmarks/quality.py's score give the
+    same FIDs and floor, the benchmark finding the statistics the callback cached."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from lightning.pytorch import Trainer
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    cli = quality.diffusion_cli(["--config", str(CONFIGS / "mnist_cpu.yaml"), *quality.QUICK_OVERRIDES,
+                                 "--trainer.logger", "false", "--data.init_args.data_dir", str(mnist_dir)], run=False)
+    model, dm = cli.model, cli.datamodule
+    fid = FIDEvaluation(samplers=["ddpm20", "ddim5"], num_samples=8, num_real=32, floor=True, test_num_samples=0,
+                        batch_size=5, seed=3, feature_extractor=TinyFeatures(), cache_dir=str(tmp_path / "cache"),
+                        cpu_limits=False)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[fid], limit_val_batches=1,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      default_root_dir=tmp_path)
+    metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    callback = {k: r["fid"] for k, r in fid.last_results.items()}
+    assert set(callback) == {"ddpm20", "ddim5"} and all(math.isfinite(v) and v > 0 for v in callback.values())
+    assert metrics["fid/ddim5"] == pytest.approx(callback["ddim5"]) and "fid/floor" in metrics
+
+    records = []
+    args = SimpleNamespace(fid_weights=None, fid_cache=None, sample_batch_size=None, sampler_list=["ddim5", "ddpm20"],
+                           num_real=32, num_samples=8, seed=3, grid=0)
+    results, floor = quality.score(SimpleNamespace(trainer=trainer, model=model, datamodule=dm), args, records.append, tmp_path)
+    reference = records[0]
+    assert reference["kind"] == "reference" and reference["cache_hit"] and reference["num_real"] == 32
+    assert {r["key"]: r["fid"] for r in results} == callback  # exactly
+    assert floor["fid"] == pytest.approx(metrics["fid/floor"], rel=1e-6) and floor["held_out_images"] == 8
 
 
 def test_fid_callback_rejects_bad_settings(tmp_path, monkeypatch):
@@ -172,23 +320,6 @@ def test_fast_inception_path_gives_the_reference_features(mnist_sets):
     ev.update_metric(fast, images, real=False)  # the path every evaluation takes
     assert int(fast.fake_features_num_samples) == 12
     assert torch.allclose(fast.fake_features_sum, expected.sum(0), rtol=1e-3, atol=1e-3 * expected.abs().max().item())
-
-
-def test_the_floor_statistics_are_cached_like_the_real_ones(tmp_path):
-    real = TensorImages(torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8), torch.zeros(64, dtype=torch.long))
-    held_out = TensorImages(torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8), torch.zeros(40, dtype=torch.long))
-    metric = ev.make_fid(TinyFeatures())
-    ev.ensure_real_stats(metric, real, {"dataset": "toy", "split": "train"}, tmp_path, None, 16, CPU)
-    key = {"dataset": "toy", "split": "test"}
-    first = ev.fid_of_dataset(metric, held_out, 32, 16, CPU, tmp_path, key)
-    assert len(list(tmp_path.glob("toy-test-*.pt"))) == 1
-    fresh = ev.make_fid(TinyFeatures())
-    ev.ensure_real_stats(fresh, real, {"dataset": "toy", "split": "train"}, tmp_path, None, 16, CPU)
-    calls = []
-    fresh.inception.register_forward_hook(lambda *a: calls.append(1))
-    assert ev.fid_of_dataset(fresh, held_out, 32, 16, CPU, tmp_path, key) == pytest.approx(first, rel=1e-9)
-    assert not calls  # both sides came from the cache
-    assert ev.fid_of_dataset(metric, held_out, 32, 16, CPU) == pytest.approx(first, rel=1e-6)  # computed afresh
 
 
 # --- per-timestep buckets ----------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""FID of several samplers at validation epoch ends, and the final table with the data's own floor in ``test``."""
+"""FID of several samplers at validation epoch ends, and the final table with the data's own floor in ``test``.
+
+The callback decides when to evaluate and what to log; ``diffusion.evaluation.FIDScorer`` does the scoring (the
+metric, the cached statistics, the floor, the seeded sampling), as it does for ``benchmarks/quality.py``."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -15,8 +17,7 @@ from torch import nn
 
 from diffusion import evaluation as ev
 from diffusion.callbacks.common import (
-    DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, image_shape, log_line_chart, log_step, run_dir,
-    sample_fn, sampling_module,
+    DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, log_line_chart, log_step, run_dir, sampling_module,
 )
 from diffusion.errors import ConfigError
 from diffusion.progress import progress_bars
@@ -90,10 +91,9 @@ class FIDEvaluation(ValidateAtLastStep):
             ev.default_weights_path(weights_path)  # a wrong path fails now, not after an epoch of training
         self.cache_dir = Path(cache_dir) if cache_dir else ev.default_cache_dir()
         self.feature_extractor = feature_extractor
-        self._metric = None
-        self._real_key: Optional[dict] = None
-        self._floors: dict[tuple, float] = {}
-        self.last_results: dict[str, dict[str, float]] = {}
+        self._scorer: Optional[ev.FIDScorer] = None
+        self._scorer_settings: Optional[tuple] = None
+        self.last_results: dict[str, dict[str, Any]] = {}  # spec key -> FIDScorer.score's fields, images left out
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         T = pl_module.schedule.num_timesteps
@@ -122,63 +122,39 @@ class FIDEvaluation(ValidateAtLastStep):
             f"{value or 'all'}); FID of so few images is only a smoke test.", category=UserWarning)
         return cap
 
-    def _key(self, trainer: Trainer, split: str) -> dict:
-        return ev.stats_key(trainer.datamodule, split, self.feature_extractor, self.weights_path)
-
-    def metric(self, trainer: Trainer, pl_module: LightningModule):
-        """The metric on the module's device, holding the training set's statistics."""
+    def scorer(self, trainer: Trainer, pl_module: LightningModule) -> ev.FIDScorer:
+        """The scorer on the module's device, holding the training set's statistics; made once, and again when
+        the settings it is made of change (the benchmarks set them after construction)."""
+        settings = (self.feature_extractor, self.weights_path, self.cache_dir, self.batch_size, self.seed)
+        if self._scorer is None or self._scorer_settings != settings:
+            self._scorer = ev.FIDScorer(*settings, info=rank_zero_info)
+            self._scorer_settings = settings
         device = pl_module.device
-        dm = trainer.datamodule
-        key = self._key(trainer, "train")
-        if self._metric is None or self._real_key != key:
-            self._metric = ev.make_fid(self.feature_extractor, self.weights_path).to(device)
-            self._floors = {}
-            start = time.perf_counter()
-            path, hit = ev.ensure_real_stats(
-                self._metric, dm.reference_set("train"), key, self.cache_dir, self.limited("num_real", device),
-                self.batch_size, device, progress=progress_bars(trainer),
-            )
-            self._real_key = key
-            rank_zero_info(
-                f"FID real statistics {'loaded from' if hit else 'computed and cached in'} {path} "
-                f"({time.perf_counter() - start:.1f} s)."
-            )
-        self._metric.to(device)
-        return self._metric
+        return self._scorer.prepare(trainer.datamodule, device, self.limited("num_real", device), progress_bars(trainer))
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, specs, num_samples: int) -> dict[str, dict]:
         module = sampling_module(trainer, pl_module)
-        metric = self.metric(trainer, pl_module)
+        scorer = self.scorer(trainer, pl_module)
         results = {}
-        rank, world = ev.dist_info()
-        share = ev.rank_share(num_samples, rank, world)
         bars = progress_bars(trainer)
         for spec in specs:
-            fid, seconds, images = ev.fid_of_samples(
-                metric, sample_fn(module, trainer, spec), num_samples, image_shape(module), self.seed,
-                self.batch_size, pl_module.device, keep=len(share) if self.save_samples else 0, progress=bars,
-                desc=f"FID {spec.key}",
-            )
+            r = scorer.score(module, spec, num_samples, precision=trainer.precision_plugin.forward_context,
+                             progress=bars, keep=None if self.save_samples else 0)
+            images, indices = r.pop("images"), r.pop("indices")
             if self.save_samples:
-                path = run_dir(trainer) / "fid_samples" / f"{getattr(trainer.state.stage, 'value', 'eval')}-step{trainer.global_step}-{spec.key}-rank{rank}.npz"
+                stage = getattr(trainer.state.stage, "value", "eval")
+                path = run_dir(trainer) / "fid_samples" / f"{stage}-step{trainer.global_step}-{spec.key}-rank{ev.dist_info()[0]}.npz"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                np.savez_compressed(path, images=ev.to_fid_uint8(images)[:, : images.shape[1]].numpy(), indices=np.asarray(share))
-            results[spec.key] = {"sampler": spec.name, "steps": spec.steps, "guidance": spec.guidance, "fid": fid,
-                                 "seconds": seconds, "images_per_second": num_samples / max(seconds, 1e-9)}
-            rank_zero_info(f"FID {spec.key}: {fid:.2f} ({num_samples} samples, {seconds:.1f} s sampling)")
+                np.savez_compressed(path, images=ev.to_fid_uint8(images)[:, : images.shape[1]].numpy(), indices=np.asarray(indices))
+            results[spec.key] = r
+            rank_zero_info(f"FID {spec.key}: {r['fid']:.2f} ({num_samples} samples, {r['seconds']:.1f} s sampling)")
         self.last_results = results
         return results
 
     def floor_fid(self, trainer: Trainer, pl_module: LightningModule, num: int) -> tuple[float, int]:
         """The held-out split's FID against the training statistics, for ``num`` images (at most the split):
         the FID a perfect model would get at that sample size. Computed once per run and size."""
-        metric = self.metric(trainer, pl_module)
-        held_out = trainer.datamodule.reference_set("test")
-        n = min(len(held_out), num)
-        if n not in self._floors:
-            self._floors[n] = ev.fid_of_dataset(metric, held_out, n, self.batch_size, pl_module.device, self.cache_dir,
-                                                self._key(trainer, "test"), progress=progress_bars(trainer))
-        return self._floors[n], n
+        return self.scorer(trainer, pl_module).floor(trainer.datamodule, num, progress=progress_bars(trainer))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not due(trainer, self.every_n_epochs):
