@@ -11,6 +11,7 @@ checkpoint's ``state_dict``).
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import asdict
 from typing import Any, Optional
@@ -65,7 +66,16 @@ class DiffusionModel(LightningModule):
             # torch.load(weights_only=True), which Lightning's resume uses and which refuses unknown classes.
             self.save_hyperparameters({name: asdict(getattr(self, name)) for name in ("optim", "sampling", "speed")})
         self.net = net if net is not None else UNet()
+        if isinstance(objective, dict):  # as recorded below, read back from a checkpoint
+            module, _, name = objective["class_path"].rpartition(".")
+            objective = getattr(importlib.import_module(module), name)(**objective.get("init_args", {}))
         self.objective = objective if objective is not None else Objective()
+        if _given_hyperparameters.get() is None:
+            # The network is not recorded (an object; pass it again to load_from_checkpoint), the objective is:
+            # loading with a default objective would silently sample a v-prediction model as an eps one.
+            cls = type(self.objective)
+            self.hparams["objective"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}",
+                                         "init_args": dict(getattr(self.objective, "init_args", {}))}
         self.fast = FastNet(self.net, self.speed)  # not a submodule: state_dict keys are the net's
         self._probe_pending = False
 

@@ -53,6 +53,8 @@ class Objective(nn.Module):
         label_dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        # The arguments, so that a model built from Python records its objective in a checkpoint's hparams.
+        self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_prediction(prediction)
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_weighting!r}.")

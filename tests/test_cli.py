@@ -45,7 +45,9 @@ def test_fit_writes_checkpoint_config_and_offline_wandb_run_under_root(fitted):
     ckpt = torch.load(last_ckpt(fitted), map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 20
     assert {"state_dict", "current_model_state", "averaging_state", "optimizer_states"} <= set(ckpt)
-    assert (fitted / "config.yaml").is_file()
+    # One folder per run under the root: config.yaml beside checkpoints/.
+    (config,) = fitted.rglob("config.yaml")
+    assert config.parent == last_ckpt(fitted).parent.parent
     run = read_run(fitted)
     losses = [row["train/loss"] for row in run["history"] if "train/loss" in row]
     assert len(losses) == 4 and all(np.isfinite(losses))
@@ -97,7 +99,7 @@ def test_whole_config_reaches_csv_and_tensorboard_loggers(tmp_path, monkeypatch)
     events.Reload()
     session = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
     logged = set(session.session_start_info.hparams)
-    assert {"fid/num_real", "trainer/callbacks/EMA/init_args/decay", "run/ema_decay", "lr"} <= logged
+    assert {"fid/num_real", "trainer/callbacks/EMA/init_args/decay", "run/ema_decay", "optim/lr"} <= logged
 
 
 def test_fit_logs_fid_per_sampler_timestep_diagnostics_and_sample_grids(fitted):
@@ -137,7 +139,7 @@ def test_sample_writes_a_reproducible_grid(fitted, tmp_path, cli_ok):
     cli_ok(*common, "--seed", 1, "--out", tmp_path / "c.png")
     a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "abc")
     assert a.shape[:2] == (4 * 28 + 5 * 2, 4 * 28 + 5 * 2)  # 4x4 grid of 28px images, 2px padding
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)  # one batch of 16 either way: bit for bit
     npz = np.load(tmp_path / "a.npz")["images"]
     assert npz.shape == (16, 28, 28, 1) and npz.dtype == np.uint8
 
@@ -169,7 +171,7 @@ def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path, c
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["fit", "--model.init_args.lr", "-1"], "lr must be positive"),
+        (["fit", "--model.init_args.optim.lr", "-1"], "lr must be positive"),
         (["fit", "--data.init_args.image_size", "32"], "attention_resolutions [7] are not resolutions"),
         (["fit", "--data.data_dir", "/nonexistent"], "MNIST not found"),
         (["sample", "--ckpt_path", "missing.ckpt"], "Checkpoint not found: missing.ckpt"),
@@ -217,11 +219,12 @@ def test_output_path_is_checked_before_sampling(tmp_path):
 
 def test_command_line_model_keys_are_resolved_to_the_config_form():
     unet = Namespace(class_path="diffusion.UNet", init_args=Namespace(base_channels=16))
-    config = Namespace(model=Namespace(class_path="diffusion.DiffusionModel", init_args=Namespace(lr=1.0, net=unet)))
-    args = ["fit", "--config", "x.yaml", "--model.lr", "2", "--model.init_args.net.init_args.base_channels=8",
+    optim = Namespace(lr=1.0)
+    config = Namespace(model=Namespace(class_path="diffusion.DiffusionModel", init_args=Namespace(optim=optim, net=unet)))
+    args = ["fit", "--config", "x.yaml", "--model.optim.lr", "2", "--model.init_args.net.init_args.base_channels=8",
             "--model.init_args.unknown", "1", "--data.init_args.batch_size", "4"]
     assert command_line_model_keys(args, config) == {
-        "model.init_args.lr": "--model.lr",  # jsonargparse's short form
+        "model.init_args.optim.lr": "--model.optim.lr",  # jsonargparse's short form
         "model.init_args.net.init_args.base_channels": "--model.init_args.net.init_args.base_channels",
     }
 
@@ -233,17 +236,45 @@ def test_sample_takes_model_arguments_over_the_checkpoint_where_the_weights_allo
         warnings.simplefilter("always")
         cli_ok("sample", "--config", TINY, "--ckpt_path", ckpt, "--num_samples", 4, "--seed", 3, "--sampler", "ddim",
                "--eta", 0.0, "--out", out, "--model.init_args.net.init_args.base_channels", 32,
-               "--model.init_args.sample_steps=3")
-    # The net's width is the checkpoint's (the weights fix it): ignored, with a warning naming it and both values.
+               "--model.init_args.objective.init_args.prediction", "v", "--model.init_args.sampling.steps=3")
+    # The net's width and the objective are the checkpoint's (the weights fix them): ignored, with one warning naming
+    # each and both values.
     (warning,) = [" ".join(str(w.message).split()) for w in record if "Ignored" in str(w.message)]
     assert "Ignored --model.init_args.net.init_args.base_channels 32 (the checkpoint's: 16)" in warning
-    assert "sample_steps" not in warning
-    # sample_steps is a sampling default: the command line's 3 is used, not the checkpoint's 10.
+    assert "--model.init_args.objective.init_args.prediction v (the checkpoint's: eps)" in warning
+    assert "sampling.steps" not in warning
+    # sampling.steps is a sampling default: the command line's 3 is used, not the checkpoint's 10.
     model = DiffusionModel.load_from_checkpoint(ckpt, map_location="cpu")
-    assert model.hparams.sample_steps == 10
+    assert model.sampling.steps == 10 and model.objective.prediction == "eps"
     expected = model.sample(4, sampler="ddim", steps=3, eta=0.0, generator=torch.Generator().manual_seed(3))
     save_grid(expected, tmp_path / "expected.png")
-    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "expected.png")))
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "expected.png")))  # one batch, one process: exact
+
+
+def flat_checkpoint(ckpt, path):
+    """A copy of ``ckpt`` with the hyperparameters of diffusion 0.1, whose model arguments were flat."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    hp = state["hyper_parameters"]
+    sampling = {("clip_x0" if k == "clip_x0" else f"sample_{k}"): v for k, v in hp["sampling"].items()}
+    state["hyper_parameters"] = {"_class_path": hp["_class_path"], "net": hp["net"], **hp["objective"]["init_args"],
+                                 **hp["optim"], **sampling, **hp["speed"], "_instantiator": hp["_instantiator"]}
+    assert {"lr", "schedule", "prediction", "sample_steps", "compile"} <= set(state["hyper_parameters"])
+    torch.save(state, path)
+    return path
+
+
+def test_a_checkpoint_of_diffusion_0_1_is_refused_in_one_line(fitted, tmp_path, cli_main):
+    # Its weights would fit, but its flat config no longer parses: say so, rather than a parser's or Lightning's error.
+    old = flat_checkpoint(last_ckpt(fitted), tmp_path / "old.ckpt")
+    with pytest.raises(CheckpointError, match=r"was written by diffusion 0\.1") as refused:
+        DiffusionModel.load_from_checkpoint(old, map_location="cpu")
+    message = str(refused.value)
+    assert "\n" not in message and str(old) in message
+    code, _, err = cli_main("sample", "--config", TINY, "--ckpt_path", old, "--num_samples", 2,
+                            "--out", tmp_path / "s.png", "--trainer.logger", "false")
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert f"error: {message}\n" in err  # the same message, on one line
+    assert not (tmp_path / "s.png").exists()
 
 
 def test_checkpoint_of_another_model_is_refused(fitted):

@@ -11,7 +11,7 @@ from test_cli import TINY_FID, last_ckpt
 from wandb_offline import read_run
 
 TINY = str(CONFIGS / "tiny.yaml")
-CONDITIONAL = ["--model.init_args.net.init_args.num_classes", 10, "--model.init_args.sample_sampler", "dpmpp2m"]
+CONDITIONAL = ["--model.init_args.net.init_args.num_classes", 10, "--model.init_args.sampling.sampler", "dpmpp2m"]
 SPECS = "[ddim10@w0, ddim10@w2, dpmpp2m10@w0, dpmpp2m10@w2]"
 
 

@@ -24,8 +24,8 @@ from diffusion.module import DiffusionModel
 from test_speed import data, tiny
 from test_training import trainer
 
-COMPILE = re.compile(r"model\.init_args\.compile\b")  # not compile_sampling
-COMPILE_SAMPLING = re.compile(r"model\.init_args\.compile_sampling\b")
+COMPILE = re.compile(r"model\.init_args\.speed\.compile\b")  # not compile_sampling
+COMPILE_SAMPLING = re.compile(r"model\.init_args\.speed\.compile_sampling\b")
 REAL_COMPILE = torch.compile
 BOOM = "boom, forced by the test"
 
@@ -95,7 +95,7 @@ def test_training_goes_on_eagerly_with_one_warning_when_compile_fails(where, tmp
     backend = compile_with(where)
     model, record = fit(tmp_path / "broken", compile=True)
     (message,) = switch_warnings(record, COMPILE)
-    assert f"RuntimeError: {BOOM}" in message and "--model.init_args.compile false" in message
+    assert f"RuntimeError: {BOOM}" in message and "--model.init_args.speed.compile false" in message
     assert not switch_warnings(record, COMPILE_SAMPLING)
     assert set(model.fallbacks) == {"compile"} and BOOM in model.fallbacks["compile"]
     assert model.net._compiled_call_impl is None
@@ -107,7 +107,7 @@ def test_training_goes_on_eagerly_with_one_warning_when_compile_fails(where, tmp
 def test_without_the_probe_a_failing_backward_compile_would_end_the_run(tmp_path, compile_with, monkeypatch):
     # What the probe is for: inductor compiles the backward at the first backward, inside Lightning's step.
     compile_with("backward")
-    monkeypatch.setattr(DiffusionModel, "_probe_compiled_net", lambda self, batch: None)
+    monkeypatch.setattr(DiffusionModel, "probe_compiled_net", lambda self, batch: None)
     with pytest.raises(RuntimeError, match=BOOM):
         fit(tmp_path, compile=True)
 
@@ -115,8 +115,8 @@ def test_without_the_probe_a_failing_backward_compile_would_end_the_run(tmp_path
 def test_the_probe_changes_no_result_and_resume_stays_exact(tmp_path, compile_with, monkeypatch):
     compile_with("works")
     probes = []
-    probe = DiffusionModel._probe_compiled_net
-    monkeypatch.setattr(DiffusionModel, "_probe_compiled_net", lambda self, batch: probes.append(1) or probe(self, batch))
+    probe = DiffusionModel.probe_compiled_net
+    monkeypatch.setattr(DiffusionModel, "probe_compiled_net", lambda self, batch: probes.append(1) or probe(self, batch))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)  # 4 batches an epoch
     straight, record = fit(tmp_path / "a", steps=8, callbacks=[ckpt], compile=True)
     assert probes == [1] and not straight.fallbacks and not switch_warnings(record, COMPILE)
@@ -124,7 +124,7 @@ def test_the_probe_changes_no_result_and_resume_stays_exact(tmp_path, compile_wi
     (mid,) = (tmp_path / "ckpt").glob("*step=4.ckpt")
     resumed, _ = fit(tmp_path / "b", steps=8, ckpt_path=mid, compile=True)
     assert probes == [1, 1]
-    monkeypatch.setattr(DiffusionModel, "_probe_compiled_net", lambda self, batch: None)
+    monkeypatch.setattr(DiffusionModel, "probe_compiled_net", lambda self, batch: None)
     unprobed, _ = fit(tmp_path / "c", steps=8, compile=True)
     for name, value in weights(straight).items():
         assert torch.equal(value, resumed.state_dict()[name]), name
@@ -134,7 +134,7 @@ def test_the_probe_changes_no_result_and_resume_stays_exact(tmp_path, compile_wi
 @pytest.fixture(scope="module")
 def tiny_checkpoint(mnist_dir, tmp_path_factory):
     """A one-step tiny.yaml checkpoint written by the CLI, in this process (its hyperparameters say
-    compile_sampling: null)."""
+    speed.compile_sampling: null)."""
     root = tmp_path_factory.mktemp("tiny")
     with pytest.MonkeyPatch.context() as patch:
         code = main_in_process(patch, "fit", "--config", CONFIGS / "tiny.yaml", "--data.data_dir", mnist_dir,
@@ -149,7 +149,7 @@ def tiny_checkpoint(mnist_dir, tmp_path_factory):
 def sample_cli(ckpt, out, compile_sampling: bool, *extra) -> np.ndarray:
     main(["sample", "--config", str(CONFIGS / "tiny.yaml"), "--ckpt_path", str(ckpt), "--trainer.logger", "false",
           "--sampler", "ddim", "--steps", "3", "--num_samples", "4", "--batch_size", "2", "--out", str(out),
-          "--save_npz", "true", "--model.init_args.compile_sampling", str(compile_sampling).lower(), *extra])
+          "--save_npz", "true", "--model.init_args.speed.compile_sampling", str(compile_sampling).lower(), *extra])
     return np.load(out.with_suffix(".npz"))["images"]
 
 
@@ -164,7 +164,7 @@ def test_sample_goes_on_eagerly_with_one_warning_when_compiled_sampling_fails(wh
         # The checkpoint says null (off on a CPU): the command line's true must win for a speed switch.
         images = sample_cli(tiny_checkpoint, tmp_path / "broken.png", True)
     (message,) = switch_warnings(record, COMPILE_SAMPLING)  # two batches, one warning
-    assert f"RuntimeError: {BOOM}" in message and "--model.init_args.compile_sampling false" in message
+    assert f"RuntimeError: {BOOM}" in message and "--model.init_args.speed.compile_sampling false" in message
     assert backend.calls == 1  # not tried again for the second batch
     assert np.array_equal(images, eager)
 
@@ -181,7 +181,7 @@ def test_sample_runs_in_the_memory_format_it_is_given(tiny_checkpoint, tmp_path,
         return sample(self, *args, **kwargs)
 
     monkeypatch.setattr(DiffusionModel, "sample", recording)
-    plain = sample_cli(tiny_checkpoint, tmp_path / "plain.png", False, "--model.init_args.channels_last", "false")
-    fast = sample_cli(tiny_checkpoint, tmp_path / "fast.png", False, "--model.init_args.channels_last", "true")
+    plain = sample_cli(tiny_checkpoint, tmp_path / "plain.png", False, "--model.init_args.speed.channels_last", "false")
+    fast = sample_cli(tiny_checkpoint, tmp_path / "fast.png", False, "--model.init_args.speed.channels_last", "true")
     assert layouts == [False, False, True, True]  # two batches each
     assert np.abs(plain.astype(int) - fast.astype(int)).max() <= 1  # uint8 levels: the same images

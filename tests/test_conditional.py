@@ -9,6 +9,8 @@ from torch.utils.data import DataLoader
 from diffusion.errors import ConfigError
 from diffusion.evaluation import SamplerSpec, class_labels, parse_samplers
 from diffusion.module import DiffusionModel
+from diffusion.objective import Objective
+from diffusion.optim import Optimization
 from diffusion.unet import UNet
 from test_training import mnist_subset, trainer  # noqa: F401  (fixture and helper)
 
@@ -18,9 +20,9 @@ def tiny_net(num_classes=10, **kwargs) -> UNet:
                 num_classes=num_classes, **kwargs)
 
 
-def conditional_model(**kwargs) -> DiffusionModel:
+def conditional_model(**objective) -> DiffusionModel:
     torch.manual_seed(0)
-    model = DiffusionModel(tiny_net(), **kwargs).eval()
+    model = DiffusionModel(tiny_net(), objective=Objective(**objective)).eval()
     # Zero-initialised layers (label embedding, each block's last conv) make a new net ignore the labels.
     for p in model.net.parameters():
         if not p.any():
@@ -58,14 +60,14 @@ def test_guidance_zero_is_the_conditional_model_and_w_mixes_cond_and_uncond(pred
 
 
 def test_label_dropout_uses_the_null_label_at_the_asked_rate():
-    model = DiffusionModel(tiny_net(), label_dropout=0.1)
+    net = tiny_net()
     y = torch.randint(0, 10, (200_000,))
-    dropped = model.drop_labels(y)
-    is_null = dropped == model.net.null_label
-    assert model.net.null_label == 10
+    dropped = Objective(label_dropout=0.1).drop_labels(y, net.null_label)
+    is_null = dropped == net.null_label
+    assert net.null_label == 10
     assert is_null.float().mean().item() == pytest.approx(0.1, abs=0.003)  # 0.1 +- 4.5 standard deviations
     assert torch.equal(dropped[~is_null], y[~is_null])
-    assert torch.equal(DiffusionModel(tiny_net(), label_dropout=0.0).drop_labels(y), y)
+    assert torch.equal(Objective(label_dropout=0.0).drop_labels(y, net.null_label), y)
 
 
 def test_training_step_feeds_labels_with_dropout_and_sampling_checks_them():
@@ -111,29 +113,31 @@ def test_sampler_specs_carry_guidance_and_evaluation_labels_cover_the_classes():
 def test_min_snr_weights_match_their_formula(prediction):
     """Hang et al. 2023: every objective weighted to min(SNR, gamma) x the MSE of the implied x0."""
     gamma = 5.0
-    model = DiffusionModel(FixedOutput(), prediction=prediction, loss_weighting="min_snr", min_snr_gamma=gamma)
+    objective, net = Objective(prediction=prediction, loss_weighting="min_snr", min_snr_gamma=gamma), FixedOutput()
     t = torch.tensor([0, 10, 100, 300, 500, 999])
-    snr = model.schedule.snr_at(t)
+    snr = objective.schedule.snr_at(t)
     expected = {"eps": snr.clamp(max=gamma) / snr, "x0": snr.clamp(max=gamma), "v": snr.clamp(max=gamma) / (snr + 1)}
-    assert torch.allclose(model.loss_weights(t), expected[prediction])
+    assert torch.allclose(objective.loss_weights(t), expected[prediction])
     x0, noise = torch.rand(6, 1, 4, 4) * 2 - 1, torch.randn(6, 1, 4, 4)
-    x_t = model.schedule.q_sample(x0, t, noise)
-    x0_hat = model.schedule.x0_from_output(prediction, x_t, t, model.net(x_t, t))
+    x_t = objective.schedule.q_sample(x0, t, noise)
+    x0_hat = objective.schedule.x0_from_output(prediction, x_t, t, net(x_t, t))
     x0_mse = ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3))
     mid = slice(1, 5)  # the conversions' own rounding blows up at the ends (1/sqrt(snr) at t=0, sqrt(snr) at T-1)
-    assert torch.allclose(model.loss(x0, t, noise)[mid], (snr.clamp(max=gamma) * x0_mse)[mid], rtol=1e-3)
+    loss, at = objective.loss(net, x0, t=t, noise=noise)
+    assert at is t
+    assert torch.allclose(loss[mid], (snr.clamp(max=gamma) * x0_mse)[mid], rtol=1e-3)
 
 
 def test_uniform_weighting_is_the_plain_mse_and_bucket_weights_scale_their_buckets():
-    model = DiffusionModel(FixedOutput(), prediction="v")
+    objective, net = Objective(prediction="v"), FixedOutput()
     t = torch.tensor([0, 99, 100, 550, 999])
     x0, noise = torch.rand(5, 1, 4, 4) * 2 - 1, torch.randn(5, 1, 4, 4)
-    x_t = model.schedule.q_sample(x0, t, noise)
-    plain = ((model.net(x_t, t) - model.schedule.v_target(x0, t, noise)) ** 2).mean(dim=(1, 2, 3))
-    assert torch.allclose(model.loss(x0, t, noise), plain)
-    weighted = DiffusionModel(FixedOutput(), prediction="v", timestep_bucket_weights=[3.0] + [1.0] * 9)
+    x_t = objective.schedule.q_sample(x0, t, noise)
+    plain = ((net(x_t, t) - objective.schedule.v_target(x0, t, noise)) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(objective.loss(net, x0, t=t, noise=noise)[0], plain)
+    weighted = Objective(prediction="v", timestep_bucket_weights=[3.0] + [1.0] * 9)
     assert weighted.loss_weights(t).tolist() == [3.0, 3.0, 1.0, 1.0, 1.0]
-    assert torch.allclose(weighted.loss(x0, t, noise), plain * torch.tensor([3.0, 3.0, 1.0, 1.0, 1.0]))
+    assert torch.allclose(weighted.loss(net, x0, t=t, noise=noise)[0], plain * torch.tensor([3.0, 3.0, 1.0, 1.0, 1.0]))
 
 
 @pytest.mark.parametrize(
@@ -150,18 +154,19 @@ def test_uniform_weighting_is_the_plain_mse_and_bucket_weights_scale_their_bucke
 )
 def test_bad_objective_settings(kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        DiffusionModel(tiny_net(), **kwargs)
+        Objective(**kwargs)
 
 
 def test_conditional_v_prediction_with_min_snr_learns_on_real_mnist(tmp_path, mnist_subset):  # noqa: F811
     seed_everything(0)
-    model = DiffusionModel(tiny_net(), prediction="v", loss_weighting="min_snr", lr=1e-3)
+    model = DiffusionModel(tiny_net(), objective=Objective(prediction="v", loss_weighting="min_snr"),
+                           optim=Optimization(lr=1e-3))
     images = torch.stack([mnist_subset[i][0] for i in range(64)])
     labels = torch.tensor([int(mnist_subset[i][1]) for i in range(64)])
     t, noise = torch.linspace(0, 999, 64).long(), torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        before = model.loss(images, t, noise, labels).mean().item()
+        before = model.objective.loss(model, images, labels, t, noise)[0].mean().item()
     trainer(tmp_path, 150).fit(model, DataLoader(mnist_subset, batch_size=32, shuffle=True))
     with torch.no_grad():
-        after = model.loss(images, t, noise, labels).mean().item()
+        after = model.objective.loss(model, images, labels, t, noise)[0].mean().item()
     assert after < 0.5 * before, (before, after)

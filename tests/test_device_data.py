@@ -12,6 +12,7 @@ from conftest import CONFIGS
 from diffusion.data import DeviceBatches, DiffusionDataModule
 from diffusion.errors import ConfigError
 from diffusion.module import DiffusionModel
+from diffusion.optim import Optimization
 from diffusion.unet import UNet
 
 BATCH = 64
@@ -126,7 +127,7 @@ def short_fit(mnist_dir, root, max_steps, ckpt_path=None):
     """A tiny U-Net on device-resident MNIST with flips, 4-step epochs, a checkpoint every 3 steps."""
     seed_everything(0)
     net = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=[], num_heads=1)
-    model = DiffusionModel(net, lr=1e-3)
+    model = DiffusionModel(net, optim=Optimization(lr=1e-3))
     dm = DiffusionDataModule("mnist", data_dir=str(mnist_dir), batch_size=16, num_workers=0, random_flip=True,
                              device_resident=True)
     record = RecordBatches()
@@ -158,4 +159,4 @@ def test_resumed_mid_epoch_it_trains_on_the_same_batches_as_an_uninterrupted_run
     for step in resumed:
         assert torch.equal(resumed[step][0], straight[step][0]) and torch.equal(resumed[step][1], straight[step][1])
     for name, value in straight_model.state_dict().items():
-        assert torch.equal(value, resumed_model.state_dict()[name]), name
+        assert torch.equal(value, resumed_model.state_dict()[name]), name  # one process, same kernels: exact

@@ -14,10 +14,10 @@ from conftest import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "gpu_report.py"
 SWITCH_OFF = {
-    "compile": "--model.init_args.compile false",
-    "channels_last": "--model.init_args.channels_last false",
-    "fused_optimizer": "--model.init_args.fused_optimizer false",
-    "compile_sampling": "--model.init_args.compile_sampling false",
+    "compile": "--model.init_args.speed.compile false",
+    "channels_last": "--model.init_args.speed.channels_last false",
+    "fused_optimizer": "--model.init_args.speed.fused_optimizer false",
+    "compile_sampling": "--model.init_args.speed.compile_sampling false",
     "device_resident": "--data.init_args.device_resident false",
     "bf16": "--trainer.precision 32-true",
 }
@@ -59,7 +59,7 @@ def test_dry_run_of_one_step_and_bad_options():
     proc = dry_run("--only", "throughput", "--switches", "compile,bf16")
     commands = [line for line in proc.stdout.splitlines() if not line.startswith("#")]
     assert len(commands) == 3 and all("throughput.py" in c for c in commands)
-    assert commands[1].endswith("-- --model.init_args.compile false") and commands[2].endswith("-- --trainer.precision 32-true")
+    assert commands[1].endswith("-- --model.init_args.speed.compile false") and commands[2].endswith("-- --trainer.precision 32-true")
     for args, words in ((["--only", "nonsense"], ["--only", "'nonsense'", "tests, throughput, quality"]),
                         (["--timeouts", "tests=soon"], ["--timeouts", "STEP=SECONDS"])):
         proc = dry_run(*args)

@@ -105,7 +105,7 @@ def test_ddim_eta1_over_all_steps_equals_ddpm(schedule, clip):
     ddim = ddim_sample(
         wobbly_denoiser, schedule, x_T, make_timesteps(1000, 1000), torch.Generator().manual_seed(7), clip_x0=clip, eta=1.0
     )
-    assert torch.allclose(ddpm, ddim, atol=1e-4), (ddpm - ddim).abs().max()
+    assert (ddpm - ddim).abs().max() <= 5e-5 * ddpm.abs().max(), (ddpm - ddim).abs().max()  # vs |x| ~130: fp32 ~6e-6, 0.1%-off beta >2e-4
 
 
 @pytest.mark.parametrize(
@@ -371,8 +371,8 @@ def test_interpolate_ends_on_the_endpoint_samples(schedule, sampler):
     with torch.no_grad():
         out = interpolate(den, schedule, a[0], b[0], ts, 4, sampler=sampler, clip_x0=False)
         assert out.shape == (4, 1, 8, 8)
-        assert torch.allclose(out[0], sampler(den, schedule, a, ts, clip_x0=False)[0], atol=1e-5)
-        assert torch.allclose(out[-1], sampler(den, schedule, b, ts, clip_x0=False)[0], atol=1e-5)
+        assert (out[0] - sampler(den, schedule, a, ts, clip_x0=False)[0]).abs().max() <= 1e-4 * out[0].abs().max()  # |x| ~3e3: relative, ~3e-7 seen
+        assert (out[-1] - sampler(den, schedule, b, ts, clip_x0=False)[0]).abs().max() <= 1e-4 * out[-1].abs().max()
 
 
 def test_interpolate_needs_both_endpoints(schedule):

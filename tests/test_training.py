@@ -11,13 +11,16 @@ from torch.utils.data import DataLoader, Subset
 
 from diffusion.data import DiffusionDataModule
 from diffusion.ema import EMA, EMAUpdate
+from diffusion.errors import ConfigError
 from diffusion.module import DiffusionModel
+from diffusion.optim import Optimization
 from diffusion.unet import UNet
 
 
-def tiny_model(**kwargs) -> DiffusionModel:
+def tiny_model(**optim) -> DiffusionModel:
+    """A tiny U-Net with the default objective; ``optim``: ``Optimization``'s settings (lr 1e-3 unless given)."""
     net = UNet(base_channels=16, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=[7], num_heads=2)
-    return DiffusionModel(net, **{"lr": 1e-3, **kwargs})
+    return DiffusionModel(net, optim=Optimization(**{"lr": 1e-3, **optim}))
 
 
 def trainer(tmp_path, max_steps, callbacks=(), **kwargs) -> Trainer:
@@ -48,10 +51,10 @@ def test_loss_falls_on_real_mnist(tmp_path, mnist_subset):
     t = torch.linspace(0, 999, 64).long()
     noise = torch.randn(probe.shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        before = model.loss(probe, t, noise).mean().item()
+        before = model.objective.loss(model, probe, t=t, noise=noise)[0].mean().item()
     trainer(tmp_path, 200).fit(model, DataLoader(mnist_subset, batch_size=32, shuffle=True))
     with torch.no_grad():
-        after = model.loss(probe, t, noise).mean().item()
+        after = model.objective.loss(model, probe, t=t, noise=noise)[0].mean().item()
     assert before == pytest.approx(1.0, abs=0.1)  # zero-initialised output: the loss starts at E[eps^2]
     assert after < 0.4 * before, (before, after)
 
@@ -150,9 +153,7 @@ def test_resume_uses_the_configured_lr_warmup_and_weight_decay(tmp_path, mnist_s
     assert decay["betas"] == (0.8, 0.9)
 
 
-def test_cosine_lr_decay_reaches_zero_at_the_last_step_and_needs_one(tmp_path, mnist_subset):
-    from diffusion.errors import ConfigError
-
+def test_cosine_lr_decay_reaches_zero_at_the_last_step_and_needs_a_limit(tmp_path, mnist_subset):
     model = tiny_model(lr=1e-2, warmup_steps=4, lr_decay="cosine")
     lrs = []
 
@@ -165,6 +166,14 @@ def test_cosine_lr_decay_reaches_zero_at_the_last_step_and_needs_one(tmp_path, m
     assert lrs[4] == pytest.approx(1e-2) and all(a > b for a, b in zip(lrs[4:], lrs[5:]))  # then down, always
     assert lrs[12] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))  # half-way: half the lr
     assert lrs[-1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))  # 0 after the last step
+    loader = DataLoader(Subset(mnist_subset, range(8)), batch_size=4)
+    # max_time alone is enough: the decay has no end until a budget callback sets one, so the lr stays put.
+    lrs.clear()
+    timed = trainer(tmp_path, -1, [Record()], max_time="00:00:00:01")
+    timed.fit(tiny_model(lr_decay="cosine"), loader)
+    assert timed.max_epochs == -1 and timed.global_step > 0 and lrs and all(lr == 1e-3 for lr in lrs)
+    # None of max_steps, max_epochs, max_time: no last step to decay to. (Left unset, Lightning makes max_epochs
+    # 1000 when max_steps is -1 and there is no max_time, which does give one: hence max_epochs=-1 here.)
     endless = tiny_model(lr_decay="cosine")
     with pytest.raises(ConfigError, match="lr_decay 'cosine' needs to know the last step"):
-        trainer(tmp_path, -1, max_time="00:00:00:01").fit(endless, DataLoader(Subset(mnist_subset, range(8)), batch_size=4))
+        trainer(tmp_path, -1, max_epochs=-1).fit(endless, loader)

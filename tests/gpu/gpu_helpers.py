@@ -101,7 +101,7 @@ class RecordSwitches(Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         # The evaluation samples through pl_module (the EMA weights swapped in): its compiled sampling net, if any.
-        compiled = pl_module.__dict__.get("_sampling_net") is not None
+        compiled = pl_module.fast.sampling_net is not None
         self.record["sampling_compiled"] = self.record.get("sampling_compiled", False) or compiled
 
     def on_train_end(self, trainer, pl_module) -> None:  # after the last validation (ValidateAtLastStep)
