@@ -131,10 +131,12 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(config,
                             tmp_path, "--trainer.max_steps", 30, "--trainer.logger", "false", *QUIET_EVAL)
     assert code == 2, err[-3000:]
     (last,) = tmp_path.rglob("checkpoints/last.ckpt")
-    assert f"The loss is nan at step 15: training stopped. Last good checkpoint: {last}" in err.replace("\n", " ")
+    message = err.replace("\n", " ")
+    assert f"The loss is nan at step 15: training stopped. Last good checkpoint: {last}" in message
+    assert f"The weights from before this step are in {last}." in message  # FinalCheckpoint's, not step 10's
     assert "Traceback" not in err
     state = torch.load(last, map_location="cpu", weights_only=False)
-    assert state["global_step"] == 10
+    assert state["global_step"] == 15
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
 
 

@@ -137,7 +137,7 @@ def is_last_step(trainer: Trainer) -> bool:
 
 def stop_requested(trainer: Trainer) -> bool:
     """Whether a signal (SIGTERM, Ctrl-C) asked the run to stop (see ``FinalCheckpoint``): no time to evaluate."""
-    return any(getattr(cb, "stop_requested", None) for cb in trainer.callbacks)
+    return any(getattr(cb, "stop_requested", None) for cb in getattr(trainer, "callbacks", ()))
 
 
 def due(trainer: Trainer, every_n_epochs: int) -> bool:
