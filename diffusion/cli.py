@@ -29,7 +29,9 @@ from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, Timestep
 from diffusion.callbacks.budget import TrainingBudget
 from diffusion.callbacks.final_checkpoint import FinalCheckpoint
 from diffusion.data import DiffusionDataModule
-from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, state_dict_mismatch
+from diffusion.module import (
+    MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, refuse_old_layout, state_dict_mismatch,
+)
 from diffusion.samplers import slerp
 from diffusion.errors import CheckpointError, ConfigError, find_user_error
 from diffusion.progress import StepProgress, close_open_bars, progress_bars
@@ -179,17 +181,14 @@ class DiffusionCLI(LightningCLI):
         given = self.config[subcommand].clone() if subcommand else None
         ckpt_path = given.get("ckpt_path") if given is not None else None
         if ckpt_path and Path(ckpt_path).is_file():
-            try:
-                checkpoint = load_checkpoint_file(ckpt_path, map_location="cpu", weights_only=False)
-            except Exception as e:
-                raise unreadable_checkpoint(ckpt_path, e) from e
-            check_checkpoint_layout(checkpoint, ckpt_path)
+            # LightningCLI files a 0.1 checkpoint's flat hparams as extra kwargs, which fail only at instantiation.
+            refuse_old_layout(ckpt_path)
         try:
             super()._parse_ckpt_path()
         except (SystemExit, KeyboardInterrupt):
             raise
         except Exception as e:  # LightningCLI reads the file before anything else: make a bad file say so
-            raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), e) from e
+            raise unreadable_checkpoint(ckpt_path, e) from e
         if given is not None and given.get("ckpt_path"):
             config = self.config[subcommand]
             # The speed switches are about this machine, not the model (checkpoints are the same whichever are on):

@@ -217,7 +217,9 @@ class DiffusionModel(LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
-        check_checkpoint_layout(load_checkpoint_file(checkpoint_path, map_location="cpu", weights_only=False), checkpoint_path)
+        # Before Lightning, which drops hparams the signature does not name: a 0.1 checkpoint would load silently
+        # with the default objective.
+        refuse_old_layout(checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # --- sampling ----------------------------------------------------------------------------------
@@ -310,6 +312,19 @@ def state_dict_mismatch(own: dict, state: dict) -> str:
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
         if items
     )
+
+
+def refuse_old_layout(path: Any) -> None:
+    """``check_checkpoint_layout`` of a file; an unreadable file is left to the caller's own message. Memory-mapped
+    where the file allows it, so that the look costs a read of its hparams, not of its weights."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        try:
+            checkpoint = load_checkpoint_file(path, map_location="cpu", weights_only=False)
+        except Exception:
+            return
+    check_checkpoint_layout(checkpoint, path)
 
 
 def check_checkpoint_layout(checkpoint: Any, path: Any) -> None:

@@ -84,8 +84,7 @@ class Optimization:
         total = trainer.estimated_stepping_batches
         if math.isfinite(total):
             return total
-        # Lightning keeps no `max_time` attribute: the trainer's max_time is a Timer callback with a duration.
-        if any(isinstance(c, Timer) and c._duration is not None for c in getattr(trainer, "callbacks", ())):
+        if time_limit(trainer) is not None:
             return None
         raise ConfigError(
             f"lr_decay {self.lr_decay!r} needs to know the last step: set trainer.max_steps, trainer.max_epochs or "
@@ -131,6 +130,12 @@ class Optimization:
             group.update(lr=lr * factor, weight_decay=weight_decay, betas=tuple(self.betas))
             if ours:
                 group["initial_lr"] = lr
+
+
+def time_limit(trainer: Any) -> Optional[Timer]:
+    """The Timer that enforces ``trainer.max_time`` (Lightning keeps no ``max_time`` attribute), None without one."""
+    return next((c for c in getattr(trainer, "callbacks", ()) if isinstance(c, Timer) and c.time_remaining() is not None),
+                None)
 
 
 def lr_schedule(trainer: Any) -> Optional[LRSchedule]:

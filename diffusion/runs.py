@@ -125,10 +125,6 @@ def new_run_id() -> str:
     return value
 
 
-def run_id() -> str:
-    """This run's id (see ``new_run_id``)."""
-    return os.environ.get(RUN_ID_ENV) or new_run_id()
-
 
 def run_root(config: Namespace) -> Path:
     """``--trainer.default_root_dir``, or ``runs/<config name>``: never the working directory itself, where a

@@ -145,10 +145,7 @@ class FastNet:
                 # CUDA graphs reuse their output buffers on the next call: keep a copy.
                 return self.run(compiled, x, t, y).clone()
             except Exception as error:  # compilation or graph capture, at each new shape's first calls
-                try:
-                    out = self(x, t, y)
-                except Exception:
-                    raise  # fails without compilation too: not compilation's error
+                out = self(x, t, y)  # raises if it fails without compilation too: not compilation's error
                 compiled = None
                 self.fell_back("compile_sampling", error)
                 self.sampling_net = None

@@ -7,12 +7,11 @@ import time
 from typing import Any, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from diffusion.callbacks.common import log_metrics
 from diffusion.errors import ConfigError
-from diffusion.optim import lr_schedule
+from diffusion.optim import lr_schedule, time_limit
 
 
 class TrainingBudget(Callback):
@@ -47,12 +46,8 @@ class TrainingBudget(Callback):
         self._mark: Optional[tuple[int, float]] = None  # (step, time) where this process started measuring
         self._fresh = True  # no plan from this process's own pace yet (a resumed run measures its machine again)
 
-    def _timer(self, trainer: Trainer) -> Optional[Timer]:
-        return next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-
     def active(self, trainer: Trainer) -> bool:
-        timer = self._timer(trainer)
-        return timer is not None and timer.time_remaining() is not None
+        return time_limit(trainer) is not None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.active(trainer):
@@ -72,7 +67,7 @@ class TrainingBudget(Callback):
                 self._mark = (step, now)
             return
         measured = step - self._mark[0]
-        remaining = self._timer(trainer).time_remaining()
+        remaining = time_limit(trainer).time_remaining()
         if measured <= 0 or remaining is None:
             return
         # The pace since the mark, validation and checkpointing included: a stall raises it for the rest of the

@@ -41,10 +41,9 @@ class FinalCheckpoint(Callback):
         if not self.signals or threading.current_thread() is not threading.main_thread():
             return
         for signum in (signal.SIGTERM, signal.SIGINT):
-            previous = signal.getsignal(signum)
-            self._previous[signum] = previous
+            self._previous[signum] = signal.getsignal(signum)
 
-            def handler(num, frame, previous=previous) -> None:
+            def handler(num, frame) -> None:
                 name = signal.Signals(num).name
                 if self.stop_requested is not None and num == signal.SIGINT:
                     raise KeyboardInterrupt  # a second Ctrl-C: stop now
@@ -123,6 +122,3 @@ class FinalCheckpoint(Callback):
         path = self.save(trainer)
         if path is not None and exception.args:
             exception.args = (f"{exception.args[0]} The weights from before this step are in {path}.",)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
