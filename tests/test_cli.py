@@ -25,13 +25,17 @@ TINY = str(CONFIGS / "tiny.yaml")
 
 
 TINY_FID = ["--fid.feature_extractor", "fid_helpers.TinyFeatures"]  # FID without Inception's CPU cost
+# The fitted model has T = 100, so that DDPM (all T steps), in the evaluation, the grids, `sample` and `test`, costs
+# a tenth of the default's: the pipeline is the same at any T.
+T100 = ["--model.init_args.objective.init_args.num_timesteps", 100, "--fid.samplers", "[ddpm100,ddim10,ddim25,ddim50]",
+        "--sample_grids.samplers", "[ddpm100,ddim10,ddim25,ddim50]"]
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, mnist_dir):
     root = tmp_path_factory.mktemp("run")
     cli("fit", "--config", TINY, "--data.data_dir", mnist_dir, "--trainer.max_steps", 20, "--trainer.log_every_n_steps", 5,
-        "--trainer.default_root_dir", root, *TINY_FID, "--fid.num_samples", 16, "--fid.floor", "true",
+        "--trainer.default_root_dir", root, *TINY_FID, *T100, "--fid.num_samples", 16, "--fid.floor", "true",
         "--diagnostics.grad_every_n_steps", 10)
     return root
 
@@ -60,7 +64,7 @@ def test_fit_logs_the_whole_config_grouped_by_recipe(fitted):
     run = read_run(fitted)
     config = run["config"]
     # The whole parsed config, command line included, beside the model's and the data's hyperparameters.
-    assert config["fid"]["samplers"] == ["ddpm1000", "ddim10", "ddim25", "ddim50"] and config["fid"]["num_samples"] == 16
+    assert config["fid"]["samplers"] == ["ddpm100", "ddim10", "ddim25", "ddim50"] and config["fid"]["num_samples"] == 16
     assert config["fid"]["feature_extractor"]["class_path"] == "fid_helpers.TinyFeatures"
     assert config["trainer"]["precision"] == "32-true" and config["trainer"]["max_steps"] == 20
     # Callbacks keyed by class name, so that W&B can filter on their arguments (it cannot inside lists).
@@ -107,14 +111,14 @@ def test_fit_logs_fid_per_sampler_timestep_diagnostics_and_sample_grids(fitted):
     rows = run["history"]
     keys = set().union(*rows)
     # 20 steps end mid-epoch: the evaluation still runs once, at the last step.
-    fid_rows = [r for r in rows if "fid/ddpm1000" in r]
+    fid_rows = [r for r in rows if "fid/ddpm100" in r]
     assert len(fid_rows) == 1 and fid_rows[0]["trainer/global_step"] == 19  # Lightning logs batch k at step k - 1
-    for sampler in ("ddpm1000", "ddim10", "ddim25", "ddim50"):
+    for sampler in ("ddpm100", "ddim10", "ddim25", "ddim50"):
         assert np.isfinite(fid_rows[0][f"fid/{sampler}"]) and fid_rows[0][f"fid_seconds/{sampler}"] > 0
     assert np.isfinite(fid_rows[0]["fid/floor"])  # fid.floor: 16 held-out images next to the samplers
-    buckets = [f"{lo:03d}-{lo + 99:03d}" for lo in range(0, 1000, 100)]
+    buckets = [f"{lo:02d}-{lo + 9:02d}" for lo in range(0, 100, 10)]
     assert {f"loss_by_t/{b}" for b in buckets} <= keys  # 20 x 32 draws of t: every bucket is hit
-    grad_rows = [r for r in rows if "grad_norm_by_t/000-099" in r]
+    grad_rows = [r for r in rows if "grad_norm_by_t/00-09" in r]
     assert [r["trainer/global_step"] for r in grad_rows] == [0, 10]  # after optimizer steps 1 and 11
     assert all(r[f"grad_norm_by_t/{b}"] > 0 for r in grad_rows for b in buckets)
     assert "grad_norm/total" in keys and "perf/images_per_second" in keys
@@ -149,10 +153,10 @@ def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path, c
     cli_ok("sample", "--config", TINY, "--ckpt_path", ckpt, "--num_samples", 4, "--sampler", "ddpm", "--out", tmp_path / "d.png")
     assert (tmp_path / "d.png").is_file()
     out = cli("test", "--config", TINY, "--data.data_dir", mnist_dir, "--ckpt_path", ckpt, "--trainer.limit_test_batches", 2,
-              "--trainer.default_root_dir", tmp_path, *TINY_FID, "--fid.test_num_samples", 24)
+              "--trainer.default_root_dir", tmp_path, *TINY_FID, *T100[2:], "--fid.test_num_samples", 24)
     assert "test/loss" in out.stdout
     table = out.stdout[out.stdout.index("FID of 24 samples"):].splitlines()
-    assert [line.split()[:2] for line in table[3:7]] == [["ddpm", "1000"], ["ddim", "10"], ["ddim", "25"], ["ddim", "50"]]
+    assert [line.split()[:2] for line in table[3:7]] == [["ddpm", "100"], ["ddim", "10"], ["ddim", "25"], ["ddim", "50"]]
     assert table[7].startswith("held-out data (24 images): the floor")
     floor = float(table[7].split()[-3])
     assert all(float(line.split()[2]) > floor for line in table[3:7])  # an untrained model is worse than real data
@@ -163,7 +167,7 @@ def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path, c
     assert row["test/fid_table/_type"] == "table-file"
     logged = json.loads((run["path"].parent / "files" / row["test/fid_table/path"]).read_text())
     assert logged["columns"] == ["sampler", "steps", "FID", "seconds", "images/s"]
-    assert [r[:2] for r in logged["data"]] == [["ddpm", 1000], ["ddim", 10], ["ddim", 25], ["ddim", 50],
+    assert [r[:2] for r in logged["data"]] == [["ddpm", 100], ["ddim", 10], ["ddim", 25], ["ddim", 50],
                                                ["held-out data (24 images): the floor", None]]
     assert logged["data"][-1][2] == pytest.approx(floor, abs=0.01)
 
@@ -176,10 +180,10 @@ def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path, c
         (["fit", "--data.data_dir", "/nonexistent"], "MNIST not found"),
         (["sample", "--ckpt_path", "missing.ckpt"], "Checkpoint not found: missing.ckpt"),
         (["sample", "--ckpt_path", "CORRUPT", "--num_samples", "2"], "Cannot read checkpoint"),
-        (["sample", "--ckpt_path", "LAST", "--sampler", "ddpm", "--steps", "50"], "all 1000 consecutive timesteps"),
+        (["sample", "--ckpt_path", "LAST", "--sampler", "ddpm", "--steps", "50"], "all 100 consecutive timesteps"),
         # 0 is a number of steps, not "not given": refused like 5000, not replaced by the default.
         (["sample", "--ckpt_path", "LAST", "--sampler", "ddim", "--steps", "0"],
-         "steps must be between 1 and the schedule's 1000 timesteps, got 0"),
+         "steps must be between 1 and the schedule's 100 timesteps, got 0"),
         (["sample", "--ckpt_path", "LAST", "--out", "NOT_A_FOLDER/grid.png"],
          "Cannot write samples to NOT_A_FOLDER/grid.png"),
     ],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+import statistics
+from collections import deque
 from typing import Any, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -29,16 +31,27 @@ class TrainingBudget(Callback):
         skip_steps: steps left out of the pace (start-up, first-call compilation, the first allocations).
         measure_steps: steps measured before the first plan.
         replan_every: revise the plan every this many steps (0: plan once).
-        margin: share of the remaining time kept free, for the noise in the pace and the last validation.
+        margin: share of the remaining time kept free, for the noise in the pace and the last validation; never
+            less than ``reserve_steps`` steps at the current pace, so that Lightning's ``Timer`` never ends the run
+            before its plan does.
+        reserve_steps: steps' worth of time kept free at the least.
     """
 
-    def __init__(self, skip_steps: int = 5, measure_steps: int = 30, replan_every: int = 100, margin: float = 0.03) -> None:
-        if skip_steps < 0 or measure_steps < 1 or replan_every < 0 or not 0 <= margin < 0.5:
+    RECENT = 20  # steps whose median duration is the recent pace: a lasting slowdown, not one slow step
+
+    def __init__(
+        self, skip_steps: int = 5, measure_steps: int = 30, replan_every: int = 100, margin: float = 0.03,
+        reserve_steps: int = 3,
+    ) -> None:
+        if skip_steps < 0 or measure_steps < 1 or replan_every < 0 or not 0 <= margin < 0.5 or reserve_steps < 0:
             raise ConfigError(
-                "TrainingBudget: skip_steps >= 0, measure_steps >= 1, replan_every >= 0 and 0 <= margin < 0.5 "
-                f"(got {skip_steps}, {measure_steps}, {replan_every}, {margin})."
+                "TrainingBudget: skip_steps >= 0, measure_steps >= 1, replan_every >= 0, 0 <= margin < 0.5 and "
+                f"reserve_steps >= 0 (got {skip_steps}, {measure_steps}, {replan_every}, {margin}, {reserve_steps})."
             )
         self.skip_steps, self.measure_steps, self.replan_every, self.margin = skip_steps, measure_steps, replan_every, margin
+        self.reserve_steps = reserve_steps
+        self._recent: deque[float] = deque(maxlen=self.RECENT)  # durations of the last steps
+        self._last: Optional[tuple[int, float]] = None
         self.planned: Optional[int] = None  # the step where the decay ends and training stops
         self.seconds_per_step: Optional[float] = None
         self._max_steps: Optional[int] = None  # the configured max_steps (-1: none)
@@ -55,6 +68,8 @@ class TrainingBudget(Callback):
         if self._max_steps is None:
             self._max_steps = trainer.max_steps
         self._start_step, self._mark, self._fresh = trainer.global_step, None, True
+        self._recent.clear()
+        self._last = None
         if self.planned is not None:  # resumed: the checkpoint's plan stands until this machine's pace is known
             self._apply(trainer, self.planned)
 
@@ -64,23 +79,30 @@ class TrainingBudget(Callback):
         step, now = trainer.global_step, time.monotonic()
         if self._mark is None:
             if step >= self._start_step + self.skip_steps:
-                self._mark = (step, now)
+                self._mark = self._last = (step, now)
             return
+        if step > self._last[0]:
+            self._recent.append((now - self._last[1]) / (step - self._last[0]))
+        self._last = (step, now)
         measured = step - self._mark[0]
         remaining = time_limit(trainer).time_remaining()
         if measured <= 0 or remaining is None:
             return
-        # The pace since the mark, validation and checkpointing included: a stall raises it for the rest of the
-        # run, which then plans fewer steps, rather than being cut off before its schedule ends.
+        # The pace since the mark, validation, checkpointing and stalls included, or the recent median if slower:
+        # a machine that stays slower shortens the plan at once, rather than the clock ending the run before its
+        # schedule does; one slow step (a validation) only moves the average.
         pace = (now - self._mark[1]) / measured
+        if self._recent:
+            pace = max(pace, statistics.median(self._recent))
+        reserve = max(remaining * self.margin, self.reserve_steps * pace)
         if self._fresh:
             due = measured >= self.measure_steps
         else:  # on schedule, and at once when the plan no longer fits the time left
             due = (bool(self.replan_every) and measured % self.replan_every == 0) \
-                or (self.planned - step) * pace > remaining * (1 - self.margin / 2)
+                or (self.planned - step) * pace > remaining - reserve / 2
         if not due:
             return
-        plan = step + max(1, math.floor(remaining * (1 - self.margin) / pace))
+        plan = step + max(1, math.floor((remaining - reserve) / pace))
         if self._max_steps is not None and self._max_steps > 0:
             plan = min(plan, self._max_steps)
         if self._fresh:
