@@ -32,8 +32,8 @@ class TrainingBudget(Callback):
         measure_steps: steps measured before the first plan.
         replan_every: revise the plan every this many steps (0: plan once).
         margin: share of the remaining time kept free, for the noise in the pace and the last validation; never
-            less than ``reserve_steps`` steps at the current pace, so that Lightning's ``Timer`` never ends the run
-            before its plan does.
+            less than ``reserve_steps`` steps at the current pace, nor than twice the slowest of the last 20 steps,
+            so that Lightning's ``Timer`` does not end the run before its plan does.
         reserve_steps: steps' worth of time kept free at the least.
     """
 
@@ -94,7 +94,9 @@ class TrainingBudget(Callback):
         pace = (now - self._mark[1]) / measured
         if self._recent:
             pace = max(pace, statistics.median(self._recent))
-        reserve = max(remaining * self.margin, self.reserve_steps * pace)
+        # Kept free: a share of the time left, a few steps, and twice the slowest recent step (how much this
+        # machine's steps jitter), whichever is most.
+        reserve = max(remaining * self.margin, self.reserve_steps * pace, 2 * max(self._recent, default=0.0))
         if self._fresh:
             due = measured >= self.measure_steps
         else:  # on schedule, and at once when the plan no longer fits the time left
