@@ -167,3 +167,47 @@ def test_quality_bad_option_exits_with_a_readable_error(args, words, tmp_path):
     proc = quality(*args, "--out", tmp_path, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     assert "Traceback" not in proc.stderr and all(w in proc.stderr for w in words), proc.stderr
+
+
+def load_compute_curve():
+    spec = importlib.util.spec_from_file_location("compute_curve", ROOT / "benchmarks" / "compute_curve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def quality_records(minutes, steps, fids, floor):
+    """What benchmarks/quality.py writes into results.jsonl, reduced to the records the curve reads."""
+    return [
+        {"kind": "env", "device_name": "CPU (2 cores)", "git": "abc1234"},
+        {"kind": "train", "minutes": minutes, "steps": steps},
+        {"kind": "reference", "num_samples": 250, "num_real": 2000},
+        *({"kind": "sampler", "key": k, "fid": v} for k, v in fids.items()),
+        {"kind": "floor", "fid": floor},
+        {"kind": "summary", "fid": fids, "floor": floor},
+    ]
+
+
+def test_compute_curve_runs_only_the_missing_budgets_and_draws_what_completed(tmp_path, monkeypatch):
+    from PIL import Image
+
+    curve = load_compute_curve()
+    for minutes, steps, fids in [(2.5, 500, {"ddim50": 80.0, "ddpm1000": 90.0}), (5, 1000, {"ddim50": 60.0, "ddpm1000": 70.0})]:
+        folder = curve.budget_dir(tmp_path, minutes)
+        folder.mkdir(parents=True)
+        (folder / "results.jsonl").write_text("\n".join(json.dumps(r) for r in quality_records(minutes, steps, fids, 20.0)))
+    # A budget killed before it was scored (no summary) counts as not run.
+    broken = curve.budget_dir(tmp_path, 10)
+    broken.mkdir()
+    (broken / "results.jsonl").write_text(json.dumps({"kind": "train", "minutes": 10, "steps": 2000}))
+    ran = []
+    monkeypatch.setattr(curve, "run_budget", lambda args, minutes, overrides: ran.append((minutes, overrides)))
+    points = curve.main(["--minutes", "5,2.5,10,20", "--out", str(tmp_path), "--", "--seed_everything", "1"])
+    assert ran == [(10.0, ["--seed_everything", "1"]), (20.0, ["--seed_everything", "1"])]
+    assert [(p["minutes"], p["steps"], p["fid"]["ddim50"]) for p in points] == [(2.5, 500, 80.0), (5, 1000, 60.0)]
+    table = (tmp_path / "curve.md").read_text().splitlines()
+    assert table[0] == "| minutes | steps | ddim50 | ddpm1000 | floor |"
+    assert table[2:] == ["| 2.5 | 500 | 80.00 | 90.00 | 20.00 |", "| 5 | 1,000 | 60.00 | 70.00 | 20.00 |"]
+    assert Image.open(tmp_path / "curve.png").size == (720, 440)
+    with pytest.raises(SystemExit, match="No completed budget"):
+        curve.main(["--minutes", "40", "--out", str(tmp_path / "empty"), "--plot_only"])
