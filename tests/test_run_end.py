@@ -104,6 +104,43 @@ def test_a_time_budget_fits_the_decay_to_a_slow_and_stalling_machine(fit):
     assert any(v.get("planned") == steps for k, v in state.items() if "TrainingBudget" in k)
 
 
+def test_the_plan_is_not_moved_past_a_step_where_the_run_already_stops(monkeypatch):
+    # What made the test above fail now and then: ValidateAtLastStep, ahead of the budget among the callbacks,
+    # saw the plan reached and stopped the run; the budget, due for a revision at the same step, then moved the
+    # plan (and the end of the decay) past it. A fake clock and trainer make that step happen every time.
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from diffusion.callbacks import budget as budget_module
+    from diffusion.callbacks.common import ValidateAtLastStep
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: clock["now"])
+    timer = Timer(duration=dict(seconds=100))
+    monkeypatch.setattr(timer, "time_remaining", lambda *args, **kwargs: 100.0 - clock["now"])
+    budget = TrainingBudget(skip_steps=0, measure_steps=5, replan_every=5, margin=0.0, reserve_steps=0)
+    loop = SimpleNamespace(max_steps=-1)
+
+    class FakeTrainer(SimpleNamespace):
+        max_steps = property(lambda self: loop.max_steps)  # Lightning's reads the epoch loop's, as here
+
+    trainer = FakeTrainer(callbacks=[timer, budget], global_step=0, should_stop=False, loggers=[],
+                          fit_loop=SimpleNamespace(epoch_loop=loop), lr_scheduler_configs=[])
+    budget.on_train_start(trainer, None)
+    stop = ValidateAtLastStep()
+    while not trainer.should_stop and trainer.global_step < 200:
+        trainer.global_step += 1
+        clock["now"] += 1.0 if trainer.global_step <= 6 else 0.5  # the machine gets faster: a revision extends
+        stop.on_train_batch_end(trainer)  # before the budget, as in the CLI's callback list
+        budget.on_train_batch_end(trainer, None)
+        if trainer.global_step == 6:
+            # The first plan (from the measured pace) cut to end at step 11, where a revision is due.
+            assert budget.planned is not None and budget.planned > 11
+            budget._apply(trainer, 11)
+    assert trainer.global_step == budget.planned == loop.max_steps == 11, (trainer.global_step, budget.planned)
+
+
 def test_without_max_time_the_budget_leaves_the_run_alone(fit):
     cli = fit("--trainer.max_steps", "6", "--trainer.logger", "false", "--model.init_args.optim.lr_decay", "cosine")
     budget = next(c for c in cli.trainer.callbacks if isinstance(c, TrainingBudget))

@@ -88,6 +88,10 @@ class TrainingBudget(Callback):
         remaining = time_limit(trainer).time_remaining()
         if measured <= 0 or remaining is None:
             return
+        if trainer.should_stop or (self.planned is not None and step >= self.planned):
+            # The run ends at this step (a callback before this one saw the plan reached): a plan moved past it
+            # now would leave the decay unfinished at the last step.
+            return
         # The pace since the mark, validation, checkpointing and stalls included, or the recent median if slower:
         # a machine that stays slower shortens the plan at once, rather than the clock ending the run before its
         # schedule does; one slow step (a validation) only moves the average.
