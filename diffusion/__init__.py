@@ -3,7 +3,7 @@
 from diffusion.data import DiffusionDataModule
 from diffusion.ema import EMA
 from diffusion.module import DiffusionModel
-from diffusion.objective import Objective
+from diffusion.objective import Objective, ProgressiveDistillation
 from diffusion.optim import Optimization
 from diffusion.samplers import SAMPLERS, SamplingDefaults, ddim_sample, ddpm_sample, make_timesteps
 from diffusion.schedule import NoiseSchedule
@@ -18,6 +18,7 @@ __all__ = [
     "NoiseSchedule",
     "Objective",
     "Optimization",
+    "ProgressiveDistillation",
     "SamplingDefaults",
     "SpeedSwitches",
     "UNet",

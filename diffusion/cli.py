@@ -17,7 +17,6 @@ from typing import Optional
 import numpy as np
 import torch
 from jsonargparse import Namespace
-from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -27,43 +26,29 @@ from torchvision.utils import save_image
 
 from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, TimestepDiagnostics
 from diffusion.callbacks.budget import TrainingBudget
+from diffusion.callbacks.distill import DistillationRounds
 from diffusion.callbacks.final_checkpoint import FinalCheckpoint
 from diffusion.data import DiffusionDataModule
-from diffusion.module import (
-    MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, refuse_old_layout, state_dict_mismatch,
-)
+from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, refuse_old_layout
+from diffusion.objective import SCHEDULE_ARGS
 from diffusion.samplers import slerp
 from diffusion.errors import CheckpointError, ConfigError, find_user_error
 from diffusion.progress import StepProgress, close_open_bars, progress_bars
 from diffusion.runs import (
-    SaveAndLogConfig, config_name, cpu_has_native_bf16, is_wandb, new_run_id, run_root,
+    SaveAndLogConfig, config_name, cpu_has_native_bf16, is_wandb, new_run_id, read_checkpoint, run_root,
+    state_dict_mismatch, unreadable_checkpoint,
 )
-
-def unreadable_checkpoint(path, error: Exception) -> CheckpointError:
-    return CheckpointError(
-        f"Cannot read checkpoint {path} ({type(error).__name__}: {error}). It is truncated or not a Lightning "
-        "checkpoint: use another one, e.g. last.ckpt or a periodic one from the same run."
-    )
-
 
 def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> dict:
     """Load a Lightning checkpoint's ``state_dict`` (the EMA weights, where the EMA callback ran) into
     ``model``, with errors that say what is wrong with the file."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint not found: {path}. Pass the path of a .ckpt file written by `fit`.")
-    try:
-        checkpoint = load_checkpoint_file(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch.load raises many types for a truncated or foreign file
-        raise unreadable_checkpoint(path, e) from e
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'.")
-    check_checkpoint_layout(checkpoint, path)
+    checkpoint = read_checkpoint(ckpt_path)
+    check_checkpoint_layout(checkpoint, ckpt_path)
     state = checkpoint["state_dict"]
     details = state_dict_mismatch(model.state_dict(), state)
     if details:
         raise CheckpointError(
-            f"Checkpoint {path} was trained with a different model than the config describes ({details}). "
+            f"Checkpoint {ckpt_path} was trained with a different model than the config describes ({details}). "
             "Use the config the checkpoint was trained with (its run directory holds config.yaml)."
         )
     model.load_state_dict(state)
@@ -237,6 +222,7 @@ class DiffusionCLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(TrainingBudget, "budget")
         parser.add_lightning_class_args(FinalCheckpoint, "final_checkpoint")
+        parser.add_lightning_class_args(DistillationRounds, "distill")  # inert unless the objective distils
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -249,6 +235,8 @@ class DiffusionCLI(LightningCLI):
                 f"trainer.precision {config.trainer.precision}: this CPU has no native bf16 (AVX-512 BF16 or AMX), "
                 "where it is slower than fp32; training in 32-true instead.", category=UserWarning)
             config.trainer.precision = "32-true"
+        if self.subcommand in (None, "fit"):  # None: a CLI made to train from Python (the benchmarks)
+            self._inherit_from_teacher(config)
         # One folder per run, <root>/<run id>: config.yaml, checkpoints/ and the loggers' files.
         self.run_id = new_run_id()
         self.run_dir = run_root(config) / self.run_id
@@ -265,6 +253,37 @@ class DiffusionCLI(LightningCLI):
                 if "id" in init_args and not init_args.get("id") and not os.environ.get("WANDB_RUN_ID"):
                     init_args["id"] = self.run_id  # the dashboard's run and the folder share the id
                 self._group_wandb_run(init_args, config)
+
+    def _inherit_from_teacher(self, config: Namespace) -> None:
+        """A distillation's student is its teacher's network on its teacher's schedule: both are read from the
+        teacher's checkpoint, so that one config distils any teacher; config values that differ are replaced, with
+        one warning. A missing or unreadable teacher is left to DistillationRounds, which says what is wrong."""
+        objective = config.model.init_args.get("objective")
+        if not isinstance(objective, Namespace) or not str(objective.get("class_path", "")).endswith("ProgressiveDistillation"):
+            return
+        path = objective.init_args.get("teacher")
+        if not path or not Path(path).is_file():
+            return
+        hparams = read_checkpoint(path).get("hyper_parameters", {})
+        changed = []
+        net = hparams.get("net")
+        if isinstance(net, dict) and net.get("class_path"):
+            # Image size and channels are linked from the data, as for any run.
+            init = {k: v for k, v in (net.get("init_args") or {}).items() if k not in ("in_channels", "image_size")}
+            ours = config.model.init_args.get("net")
+            ours_init = ours.get("init_args") if isinstance(ours, Namespace) else None
+            if not isinstance(ours, Namespace) or ours.get("class_path") != net["class_path"] \
+                    or not isinstance(ours_init, Namespace) or any(ours_init.get(k) != v for k, v in init.items()):
+                config.model.init_args.net = Namespace(class_path=net["class_path"], init_args=Namespace(**init))
+                changed.append("net")
+        theirs = (hparams.get("objective") or {}).get("init_args") or {}
+        for key in SCHEDULE_ARGS:
+            if key in theirs and objective.init_args.get(key) != theirs[key]:
+                objective.init_args[key] = theirs[key]
+                changed.append(f"objective.{key} {theirs[key]}")
+        if changed:
+            rank_zero_warn(f"Distilling {path}: the student takes the teacher's {', '.join(changed)} (its weights need "
+                           "them) in place of the config's.", category=UserWarning)
 
     def before_fit(self) -> None:
         # ModelCheckpoint puts its files in <save_dir>/<logger name>/<version>/checkpoints: for W&B that is a folder

@@ -26,6 +26,7 @@ from diffusion.errors import CheckpointError, ConfigError, TrainingDiverged
 from diffusion.evaluation import derive_seed
 from diffusion.objective import Objective
 from diffusion.optim import Optimization
+from diffusion.runs import state_dict_mismatch
 from diffusion.samplers import SamplingDefaults, get_sampler, make_timesteps
 from diffusion.speed import FastNet, SpeedSwitches
 from diffusion.unet import UNet
@@ -176,7 +177,12 @@ class DiffusionModel(LightningModule):
 
     def configure_optimizers(self):
         # _trainer, not trainer (which raises when none is attached): the optimizer can be built without one.
-        return self.optim.configure(self.net, self._trainer, self.speed.enabled("fused_optimizer", self.device))
+        return self.optim.configure(self.net, self._trainer, self.speed.enabled("fused_optimizer", self.device), self.lr_period)
+
+    @property
+    def lr_period(self) -> Optional[int]:
+        """Steps after which the objective starts over (a distillation's rounds): the learning rate restarts too."""
+        return getattr(self.objective, "steps_per_round", None)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's AMP plugin refuses to clip for any optimizer that could unscale inside step() (fused AdamW),
@@ -197,12 +203,16 @@ class DiffusionModel(LightningModule):
 
     def on_train_start(self) -> None:
         if self.trainer.ckpt_path is not None:
-            self.optim.on_resume(self.trainer)
+            self.optim.on_resume(self.trainer, self.lr_period)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The CLI links image size and channels from the data, and links are not part of the saved config;
         # record them so that `DiffusionModel.load_from_checkpoint(path)` alone rebuilds the same network.
-        net = checkpoint.get("hyper_parameters", {}).get("net")
+        hparams = checkpoint.get("hyper_parameters", {})
+        if isinstance(hparams.get("sampling"), dict):
+            # The sampling defaults can change during fit (a distillation's rounds set the steps of the weights).
+            hparams["sampling"] = {**hparams["sampling"], **asdict(self.sampling)}
+        net = hparams.get("net")
         if isinstance(net, dict) and isinstance(net.get("init_args"), dict):
             net["init_args"] = {**net["init_args"], "in_channels": self.net.in_channels, "image_size": self.net.image_size}
 
@@ -300,18 +310,6 @@ class DiffusionModel(LightningModule):
         indices = batch[0] if isinstance(batch, (list, tuple)) else batch
         labels = indices.cpu() % self.num_classes if self.num_classes else None
         return self.sample(indices.shape[0], seed=int(indices[0]), labels=labels)
-
-
-def state_dict_mismatch(own: dict, state: dict) -> str:
-    """How a checkpoint's state dict differs from a model's ('' when it fits)."""
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
-    return "; ".join(
-        f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-        if items
-    )
 
 
 def refuse_old_layout(path: Any) -> None:

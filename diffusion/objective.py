@@ -1,5 +1,6 @@
 """What the network is trained to do: the noise schedule, the prediction target, the loss weighting, how
 timesteps are drawn, label dropout for classifier-free guidance, and the noise predictor the samplers call.
+``ProgressiveDistillation`` is the other objective: a student learns two of its teacher's DDIM steps as one.
 
 No Lightning here. As in EDM's ``loss_fn(net, images, labels)`` and k-diffusion's ``Denoiser.loss()``, the network
 is an argument: ``net(x_t, t, y)`` returns its raw output (noise, x0 or v, per ``prediction``), so the same
@@ -15,9 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion.errors import ConfigError
+from diffusion.samplers import Denoiser, make_timesteps, predict_x0
 from diffusion.schedule import NoiseSchedule, check_prediction
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
+# The arguments that make the schedule, with their defaults: a distillation's must be its teacher's.
+SCHEDULE_ARGS = {"schedule": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
 # net(x_t, t, labels or None) -> raw output of x_t's shape
 NetCall = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
 
@@ -163,3 +167,156 @@ class Objective(nn.Module):
             return self.schedule.eps_from_output(self.prediction, x_t, t, out.float())
 
         return eps
+
+
+class ProgressiveDistillation(Objective):
+    """Progressive distillation (Salimans & Ho 2022, Algorithm 2): in each round a student learns to take in one
+    deterministic DDIM step what its teacher takes in two; then the student becomes the teacher and the step count
+    halves, ``teacher_steps`` -> ``teacher_steps / 2`` -> ... -> ``final_steps``.
+
+    The loss is the paper's: x0-MSE against the x0 that makes the student's single DDIM step from t land where the
+    teacher's two steps land, weighted by max(SNR_t, 1) ("truncated SNR"), at timesteps drawn from the student's
+    grid (DDIM's ``trailing`` grid of its steps, as ``sample`` uses). The student predicts ``v`` by default (the
+    paper found eps unusable at few steps: x0 = (x_t - sigma eps) / alpha blows up where alpha is near 0); a
+    teacher of any prediction is read through the exact conversions the samplers use.
+
+    The rounds' bookkeeping (loading the teacher, swapping it at each round's end, the checkpoints and FID of each
+    round) is Lightning glue in ``diffusion.callbacks.DistillationRounds``, which sets the teacher here with
+    :meth:`begin_round`. Without a teacher (a student loaded for ``test``) the loss is the student's plain
+    denoising loss; training without one is refused.
+
+    Args:
+        teacher: checkpoint of this project whose EMA weights are the first teacher and the student's start.
+        teacher_steps: the first teacher's DDIM steps (the first student learns half as many).
+        final_steps: the last student's steps; ``teacher_steps / final_steps`` must be a power of two.
+        steps_per_round: optimizer steps per round (the learning-rate warm-up and decay restart each round).
+        clip_x0: clip the teacher's x0 estimates to [-1, 1] in its steps, as its sampling does.
+        schedule, num_timesteps, beta_start, beta_end: the teacher's schedule (``fit`` takes them from the teacher's
+            checkpoint, as it takes the ``net`` group; from Python they are checked against it).
+        prediction: what the student predicts (``v`` or ``x0``; ``eps`` is allowed but fails at few steps).
+        label_dropout: as for ``Objective``.
+    """
+
+    def __init__(
+        self,
+        teacher: Optional[str] = None,
+        teacher_steps: int = 64,
+        final_steps: int = 1,
+        steps_per_round: int = 500,
+        clip_x0: bool = True,
+        schedule: str = "linear",
+        num_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        prediction: str = "v",
+        label_dropout: float = 0.1,
+    ) -> None:
+        super().__init__(schedule, num_timesteps, beta_start, beta_end, prediction, label_dropout=label_dropout)
+        self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        ratio = teacher_steps // final_steps if final_steps >= 1 else 0
+        if final_steps < 1 or teacher_steps % final_steps or ratio < 2 or ratio & (ratio - 1):
+            raise ConfigError(
+                f"teacher_steps / final_steps must be a power of two of at least 2 (each round halves the steps), got "
+                f"teacher_steps={teacher_steps}, final_steps={final_steps}: e.g. 64 and 4, or 32 and 1."
+            )
+        if teacher_steps > num_timesteps:
+            raise ConfigError(f"teacher_steps {teacher_steps} is more than the schedule's {num_timesteps} timesteps.")
+        if steps_per_round < 1:
+            raise ConfigError(f"steps_per_round must be positive, got {steps_per_round}.")
+        self.teacher, self.teacher_steps, self.final_steps = teacher, teacher_steps, final_steps
+        self.steps_per_round, self.clip_x0 = steps_per_round, clip_x0
+        self.rounds = ratio.bit_length() - 1
+        self.student_steps = teacher_steps // 2
+        # A function of the batch's labels returning the teacher's noise predictor; not a module (its weights
+        # are not the model's: they live in the glue's state, and a student checkpoint holds the student only).
+        self._teacher_denoiser: Optional[Callable[[Optional[Tensor]], Denoiser]] = None
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of all rounds: what ``trainer.max_steps`` must be."""
+        return self.rounds * self.steps_per_round
+
+    def round_at(self, step: int) -> int:
+        """The round (0-based) that optimizer step ``step`` belongs to."""
+        return min(step // self.steps_per_round, self.rounds - 1)
+
+    def student_steps_of(self, round: int) -> int:
+        return self.teacher_steps >> (round + 1)
+
+    def plain_objective(self, prediction: str) -> Objective:
+        """An ``Objective`` on this schedule for a network predicting ``prediction``: how a teacher is sampled."""
+        keys = (*SCHEDULE_ARGS, "label_dropout")
+        return Objective(**{k: self.init_args[k] for k in keys}, prediction=prediction)
+
+    def begin_round(self, teacher_denoiser: Optional[Callable[[Optional[Tensor]], Denoiser]], round: int) -> None:
+        """Train the student of ``round`` against ``teacher_denoiser(labels) -> denoiser(x_t, t) -> eps``."""
+        if not 0 <= round < self.rounds:
+            raise ConfigError(f"round {round} is outside the {self.rounds} rounds of this distillation.")
+        self._teacher_denoiser = teacher_denoiser
+        self.student_steps = self.student_steps_of(round)
+
+    def extra_repr(self) -> str:
+        return f"prediction={self.prediction!r}, {self.teacher_steps} -> {self.final_steps} steps in {self.rounds} rounds"
+
+    def grid(self, device: torch.device) -> Tensor:
+        """The teacher's 2N timesteps and -1 (x_0): the student's step i goes from entry 2i to entry 2i + 2."""
+        ts = make_timesteps(self.num_timesteps, 2 * self.student_steps)
+        return torch.cat([ts, ts.new_tensor([-1])]).to(device)
+
+    def _ddim_to(self, x0: Tensor, eps: Tensor, t_prev: Tensor) -> Tensor:
+        """The deterministic DDIM step's landing point at per-image ``t_prev`` (-1: x_0)."""
+        a = self.schedule.alpha_bar_at(t_prev).reshape(-1, *([1] * (x0.ndim - 1)))
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+    def x0_target(self, z_t: Tensor, t: Tensor, z_next: Tensor, t_next: Tensor) -> Tensor:
+        """The x0 whose DDIM step from (z_t, t) lands on z_next at t_next (the paper's x-tilde):
+        (z_next - (s_next / s_t) z_t) / (a_next - (s_next / s_t) a_t), a and s the signal and noise scales."""
+        shape = (-1, *([1] * (z_t.ndim - 1)))
+        ab_t, ab_next = self.schedule.alpha_bar_at(t).reshape(shape), self.schedule.alpha_bar_at(t_next).reshape(shape)
+        ratio = ((1 - ab_next) / (1 - ab_t)).sqrt()
+        return (z_next - ratio * z_t) / (ab_next.sqrt() - ratio * ab_t.sqrt())
+
+    @torch.no_grad()
+    def teacher_target(self, z_t: Tensor, t: Tensor, t_mid: Tensor, t_next: Tensor, labels: Optional[Tensor]) -> Tensor:
+        """The teacher's two DDIM steps t -> t_mid -> t_next from z_t, as the student's x0 target."""
+        eps_fn = self._teacher_denoiser(labels)
+        x0, eps = predict_x0(eps_fn, self.schedule, z_t, t, self.clip_x0)
+        z_mid = self._ddim_to(x0, eps, t_mid)
+        x0, eps = predict_x0(eps_fn, self.schedule, z_mid, t_mid, self.clip_x0)
+        return self.x0_target(z_t, t, self._ddim_to(x0, eps, t_next), t_next)
+
+    def loss(
+        self,
+        net: NetCall,
+        x0: Tensor,
+        labels: Optional[Tensor] = None,
+        t: Optional[Tensor] = None,
+        noise: Optional[Tensor] = None,
+        null_label: Optional[int] = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Per-image distillation loss and its timesteps. ``t``, when given, is moved to the nearest timestep of
+        the student's grid (the steps it will be sampled at)."""
+        if self._teacher_denoiser is None:
+            if self.training:
+                raise ConfigError(
+                    "ProgressiveDistillation has no teacher: train it with `python -m diffusion fit` (whose "
+                    "DistillationRounds callback loads objective.teacher), or add diffusion.callbacks."
+                    "DistillationRounds to the Trainer's callbacks."
+                )
+            return super().loss(net, x0, labels, t, noise, null_label)
+        if labels is not None and null_label is not None and self.label_dropout:
+            labels = self.drop_labels(labels, null_label)
+        grid = self.grid(x0.device)
+        starts = grid[0:-1:2]
+        if t is None:
+            i = torch.randint(0, self.student_steps, (x0.shape[0],), device=x0.device)
+        else:
+            i = (t.reshape(-1, 1) - starts.reshape(1, -1)).abs().argmin(dim=1)
+        t, t_mid, t_next = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
+        if noise is None:
+            noise = torch.randn_like(x0)
+        z_t = self.schedule.q_sample(x0, t, noise)
+        target = self.teacher_target(z_t, t, t_mid, t_next, labels).float()
+        pred = self.schedule.x0_from_output(self.prediction, z_t, t, net(z_t, t, labels).float())
+        per_image = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        return per_image * self.schedule.snr_at(t).clamp(min=1.0), t

@@ -22,13 +22,17 @@ class LRSchedule:
     0 at step ``total``. A class so that the scheduler pickles (ddp_spawn) and so that its length can be set
     after the optimizer is built (a time-budgeted run learns it from the pace of its first steps)."""
 
-    def __init__(self, steps: int, decay: str = "none", total: Optional[float] = None) -> None:
-        self.steps, self.decay, self.total = steps, decay, total
+    def __init__(self, steps: int, decay: str = "none", total: Optional[float] = None, period: Optional[int] = None) -> None:
+        self.steps, self.decay, self.total, self.period = steps, decay, total, period
 
     def __call__(self, step: int) -> float:
+        total = self.total
+        if self.period:
+            # Warm-up and decay restart every `period` steps (a distillation's rounds), each ending at its last step.
+            step, total = step % self.period, self.period
         factor = min(1.0, (step + 1) / self.steps) if self.steps else 1.0
-        if self.decay == "cosine" and self.total:
-            done = min(1.0, max(0, step - self.steps) / max(1.0, self.total - self.steps))
+        if self.decay == "cosine" and total:
+            done = min(1.0, max(0, step - self.steps) / max(1.0, total - self.steps))
             factor *= 0.5 * (1 + math.cos(math.pi * done))
         return factor
 
@@ -91,8 +95,9 @@ class Optimization:
             "trainer.max_time."
         )
 
-    def configure(self, net: nn.Module, trainer: Any, fused: bool) -> Any:
-        """What ``LightningModule.configure_optimizers`` returns for these settings."""
+    def configure(self, net: nn.Module, trainer: Any, fused: bool, period: Optional[int] = None) -> Any:
+        """What ``LightningModule.configure_optimizers`` returns for these settings; with ``period`` the warm-up
+        and decay restart every ``period`` steps (the objective's rounds, e.g. a progressive distillation's)."""
         decay, no_decay = [], []
         for p in net.parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)  # norm gains and biases are not weights to shrink
@@ -101,11 +106,11 @@ class Optimization:
         optimizer = torch.optim.AdamW(groups, lr=self.scaled_lr(trainer), betas=tuple(self.betas), fused=fused or None)
         if not self.warmup_steps and self.lr_decay == "none":
             return optimizer
-        schedule = LRSchedule(self.warmup_steps, self.lr_decay, self.last_step(trainer))
+        schedule = LRSchedule(self.warmup_steps, self.lr_decay, None if period else self.last_step(trainer), period)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_resume(self, trainer: Any) -> None:
+    def on_resume(self, trainer: Any, period: Optional[int] = None) -> None:
         """Resuming loads the checkpoint's optimizer and schedule state (learning rate, weight decay, betas,
         warm-up length) over the configured ones. The configuration wins, so that resuming with another
         ``optim.lr`` (what the NaN message suggests) or warm-up takes effect; the step count, Adam's moments and
@@ -120,10 +125,11 @@ class Optimization:
             return
         lr, factor = self.scaled_lr(trainer), 1.0
         if ours:
-            total = self.last_step(trainer)
+            total = None if period else self.last_step(trainer)
             for f in scheduler.lr_lambdas:
                 # A budgeted run's planned length is the checkpoint's (restored by the budget callback).
                 f.steps, f.decay, f.total = self.warmup_steps, self.lr_decay, total if total is not None else f.total
+                f.period = period
             scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
             factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
         for group, weight_decay in zip(optimizers[0].param_groups, (self.weight_decay, 0.0)):

@@ -75,7 +75,9 @@ def _full(x: Tensor, t: int) -> Tensor:
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
-def _predict_x0(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, t: Tensor, clip_x0: bool):
+def predict_x0(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, t: Tensor, clip_x0: bool):
+    """(x0, eps) at x_t = ``x`` for per-image timesteps ``t``; with ``clip_x0`` x0 clipped to [-1, 1] and eps made
+    consistent with it (every sampler's step, and the teacher's steps of a distillation, go through this)."""
     eps = denoiser(x, t).float()
     x0 = schedule.predict_x0_from_eps(x, t, eps)
     if clip_x0:
@@ -114,7 +116,7 @@ def ddpm_sample(
     x = x_T.float()
     for t in _steps(ts, progress):
         tt = _full(x, t)
-        x0, _ = _predict_x0(denoiser, schedule, x, tt, clip_x0)
+        x0, _ = predict_x0(denoiser, schedule, x, tt, clip_x0)
         mean, _, log_var = schedule.posterior_mean_variance(x0, x, tt)
         if t == 0:
             x = mean
@@ -148,7 +150,7 @@ def ddim_sample(
     for i, t in enumerate(_steps(ts, progress)):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         tt = _full(x, t)
-        x0, eps = _predict_x0(denoiser, schedule, x, tt, clip_x0)
+        x0, eps = predict_x0(denoiser, schedule, x, tt, clip_x0)
         a_t = schedule.alpha_bar_f64[t]
         a_prev = schedule.alpha_bar_f64[t_prev] if t_prev >= 0 else 1.0
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
@@ -192,7 +194,7 @@ def dpmpp2m_sample(
     x = x_T.float()
     x0_prev, h_prev = None, 0.0
     for i, t in enumerate(_steps(ts, progress)):
-        x0, _ = _predict_x0(denoiser, schedule, x, _full(x, t), clip_x0)
+        x0, _ = predict_x0(denoiser, schedule, x, _full(x, t), clip_x0)
         if i == len(ts) - 1:
             # The step to x_0 has sigma = 0 and lambda = +inf: first order lands exactly on the data prediction,
             # while the 2M correction would need r = h_prev / h = 0. This is the paper's "lower order final"
