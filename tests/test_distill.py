@@ -1,6 +1,7 @@
 """Progressive distillation: the target against closed forms, the rounds' learning rate, and the run as a user
 runs it (fit, resume mid-round, sample a student)."""
 
+import json
 import math
 
 import pytest
@@ -245,6 +246,15 @@ def test_a_student_samples_at_its_steps_and_takes_the_test_table(distilled, dist
     proc = run_cli("test", "--config", distill_config, "--ckpt_path", ckpt, "--data.data_dir", mnist_dir,
                    "--trainer.logger", "false")
     assert "FID of 8 samples against the training set" in proc.stdout and "ddim" in proc.stdout
+    # The quality benchmark scores a student like any checkpoint.
+    from test_benchmarks import quality
+
+    proc = quality("--config", distill_config, "--json", "--ckpt", ckpt, "--out", tmp_path / "q", "--samplers",
+                   "ddim2,ddim1", "--num_samples", 8, "--num_real", 64, "--", "--data.init_args.data_dir", mnist_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert records[1]["skipped"] and records[1]["steps"] == 3
+    assert {r["key"] for r in records if r["kind"] == "sampler"} == {"ddim2", "ddim1"}
 
 
 @pytest.mark.parametrize("extra, message", [
