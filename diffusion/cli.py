@@ -264,7 +264,7 @@ class DiffusionCLI(LightningCLI):
         path = objective.init_args.get("teacher")
         if not path or not Path(path).is_file():
             return
-        hparams = read_checkpoint(path).get("hyper_parameters", {})
+        hparams = read_checkpoint(path, mmap=True).get("hyper_parameters", {})  # DistillationRounds reads the weights
         changed = []
         net = hparams.get("net")
         if isinstance(net, dict) and net.get("class_path"):

@@ -97,6 +97,12 @@ class Objective(nn.Module):
         drop = torch.rand(y.shape, device=y.device) < self.label_dropout
         return torch.where(drop, torch.full_like(y, null_label), y)
 
+    def training_labels(self, labels: Optional[Tensor], null_label: Optional[int]) -> Optional[Tensor]:
+        """The labels a loss trains on: with ``null_label`` (a class-conditional net in training) some dropped."""
+        if labels is not None and null_label is not None and self.label_dropout:
+            return self.drop_labels(labels, null_label)
+        return labels
+
     def loss_weights(self, t: Tensor) -> Tensor:
         """Per-image loss weight at timesteps ``t``: the min-SNR factor times the bucket weight."""
         weights = torch.ones(t.shape, device=t.device)
@@ -125,8 +131,7 @@ class Objective(nn.Module):
         """Per-image weighted MSE between the network's output and its target (L_simple for ``eps``), and the
         timesteps it was taken at. ``t`` and ``noise`` are drawn when not given. With ``null_label`` (training
         a class-conditional net) a share ``label_dropout`` of the labels is dropped first."""
-        if labels is not None and null_label is not None and self.label_dropout:
-            labels = self.drop_labels(labels, null_label)
+        labels = self.training_labels(labels, null_label)
         if t is None:
             t = self.sample_timesteps(x0.shape[0], x0.device)
         if noise is None:
@@ -230,6 +235,7 @@ class ProgressiveDistillation(Objective):
         # A function of the batch's labels returning the teacher's noise predictor; not a module (its weights
         # are not the model's: they live in the glue's state, and a student checkpoint holds the student only).
         self._teacher_denoiser: Optional[Callable[[Optional[Tensor]], Denoiser]] = None
+        self._grids: dict[torch.device, Tensor] = {}  # this round's grid per device: built once, not every step
 
     @property
     def total_steps(self) -> int:
@@ -254,14 +260,18 @@ class ProgressiveDistillation(Objective):
             raise ConfigError(f"round {round} is outside the {self.rounds} rounds of this distillation.")
         self._teacher_denoiser = teacher_denoiser
         self.student_steps = self.student_steps_of(round)
+        self._grids: dict[torch.device, Tensor] = {}
 
     def extra_repr(self) -> str:
         return f"prediction={self.prediction!r}, {self.teacher_steps} -> {self.final_steps} steps in {self.rounds} rounds"
 
     def grid(self, device: torch.device) -> Tensor:
         """The teacher's 2N timesteps and -1 (x_0): the student's step i goes from entry 2i to entry 2i + 2."""
-        ts = make_timesteps(self.num_timesteps, 2 * self.student_steps)
-        return torch.cat([ts, ts.new_tensor([-1])]).to(device)
+        device = torch.device(device)
+        if device not in self._grids:
+            ts = make_timesteps(self.num_timesteps, 2 * self.student_steps)
+            self._grids[device] = torch.cat([ts, ts.new_tensor([-1])]).to(device)
+        return self._grids[device]
 
     def _ddim_to(self, x0: Tensor, eps: Tensor, t_prev: Tensor) -> Tensor:
         """The deterministic DDIM step's landing point at per-image ``t_prev`` (-1: x_0)."""
@@ -304,8 +314,7 @@ class ProgressiveDistillation(Objective):
                     "DistillationRounds to the Trainer's callbacks."
                 )
             return super().loss(net, x0, labels, t, noise, null_label)
-        if labels is not None and null_label is not None and self.label_dropout:
-            labels = self.drop_labels(labels, null_label)
+        labels = self.training_labels(labels, null_label)
         grid = self.grid(x0.device)
         starts = grid[0:-1:2]
         if t is None:

@@ -14,6 +14,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from lightning.pytorch import LightningModule, Trainer
@@ -153,15 +154,24 @@ def unreadable_checkpoint(path, error: Exception) -> CheckpointError:
     )
 
 
-def read_checkpoint(ckpt_path: str | Path) -> dict:
-    """A Lightning checkpoint's contents, on the CPU, with errors that say what is wrong with the file."""
+def read_checkpoint(ckpt_path: str | Path, mmap: bool = False) -> dict:
+    """A Lightning checkpoint's contents, on the CPU, with errors that say what is wrong with the file. ``mmap``:
+    memory-mapped where the file allows it, for a caller that only reads the hyperparameters (the weights are then
+    read from disk only if touched)."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: {path}. Pass the path of a .ckpt file written by `fit`.")
-    try:
-        checkpoint = load_checkpoint_file(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch.load raises many types for a truncated or foreign file
-        raise unreadable_checkpoint(path, e) from e
+    checkpoint = None
+    if mmap:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:
+            pass  # an older serialization format: read it whole below
+    if checkpoint is None:
+        try:
+            checkpoint = load_checkpoint_file(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # torch.load raises many types for a truncated or foreign file
+            raise unreadable_checkpoint(path, e) from e
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'.")
     return checkpoint

@@ -4,13 +4,19 @@ runs it (fit, resume mid-round, sample a student)."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
+from conftest import CONFIGS, main_in_process, run_cli
 from diffusion.errors import ConfigError
 from diffusion.objective import ProgressiveDistillation
 from diffusion.optim import LRSchedule
 from diffusion.samplers import ddim_sample, make_timesteps
+from fault_helpers import assert_same_training_state, final_state
+from wandb_offline import read_run
 
 
 def smooth_teacher(schedule):
@@ -132,13 +138,6 @@ def test_training_without_a_teacher_is_refused_and_evaluation_falls_back_to_deno
 
 
 # --- the run, as a user runs it ---------------------------------------------------------------------------------
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from conftest import CONFIGS, main_in_process, run_cli  # noqa: E402
-from fault_helpers import assert_same_training_state, final_state  # noqa: E402
-from wandb_offline import read_run  # noqa: E402
 
 QUIET = ["--fid.every_n_epochs", "0", "--sample_grids.every_n_epochs", "0", "--diagnostics.grad_every_n_steps", "0"]
 T100 = ["--model.init_args.objective.init_args.num_timesteps", 100, "--fid.samplers", "[ddim10]",
