@@ -19,9 +19,11 @@ from diffusion.optim import lr_schedule, time_limit
 class TrainingBudget(Callback):
     """Under ``trainer.max_time``, measures the pace of the first steps and fixes the run's length from it: the
     learning-rate decay reaches 0, and training stops, at the planned step rather than wherever the clock runs
-    out. The plan is revised every ``replan_every`` steps from the pace since the first measurement, so a machine
-    that is slower, or busy for a while, gets fewer steps on the same schedule shape. A ``max_steps`` that comes
-    first still wins. Without ``max_time`` it does nothing.
+    out. The plan is revised every ``replan_every`` steps from the pace of the last ``window_steps`` steps, at once
+    when it no longer fits the time left, and at once when it would leave more than ``grow`` of the time left
+    unused: a machine that is slower, or busy for a while, gets fewer steps on the same schedule shape, and one
+    that was busy early and is fast now gets the steps its time allows again. A ``max_steps`` that comes first
+    still wins. Without ``max_time`` it does nothing.
 
     Lightning's ``Timer`` stops a run when its time is up but knows nothing of the schedule; a schedule driven by
     elapsed time would make the learning rate of each step depend on the machine's speed at that moment, so that
@@ -30,27 +32,36 @@ class TrainingBudget(Callback):
     Args:
         skip_steps: steps left out of the pace (start-up, first-call compilation, the first allocations).
         measure_steps: steps measured before the first plan.
-        replan_every: revise the plan every this many steps (0: plan once).
+        replan_every: revise the plan every this many steps (0: only when it no longer fits, or wastes time).
         margin: share of the remaining time kept free, for the noise in the pace and the last validation; never
             less than ``reserve_steps`` steps at the current pace, nor than twice the slowest of the last 20 steps,
             so that Lightning's ``Timer`` does not end the run before its plan does.
         reserve_steps: steps' worth of time kept free at the least.
+        window_steps: the pace is measured over this many of the last steps (validation and checkpointing
+            included), or the median of the last 20 where that is slower: long enough to average a validation
+            away, short enough to see the machine's speed change.
+        grow: revise at once when the plan would leave more than this share of the (reserve-free) time left
+            unused; the learning rate then rises to what the longer schedule has at this step.
     """
 
     RECENT = 20  # steps whose median duration is the recent pace: a lasting slowdown, not one slow step
+    SLOWER = 1.2  # the recent median counts where it is this much slower than the window's pace
 
     def __init__(
         self, skip_steps: int = 5, measure_steps: int = 30, replan_every: int = 100, margin: float = 0.03,
-        reserve_steps: int = 3,
+        reserve_steps: int = 3, window_steps: int = 100, grow: float = 0.1,
     ) -> None:
-        if skip_steps < 0 or measure_steps < 1 or replan_every < 0 or not 0 <= margin < 0.5 or reserve_steps < 0:
+        if skip_steps < 0 or measure_steps < 1 or replan_every < 0 or not 0 <= margin < 0.5 or reserve_steps < 0 \
+                or window_steps < 1 or not 0 < grow < 1:
             raise ConfigError(
-                "TrainingBudget: skip_steps >= 0, measure_steps >= 1, replan_every >= 0, 0 <= margin < 0.5 and "
-                f"reserve_steps >= 0 (got {skip_steps}, {measure_steps}, {replan_every}, {margin}, {reserve_steps})."
+                "TrainingBudget: skip_steps >= 0, measure_steps >= 1, replan_every >= 0, 0 <= margin < 0.5, "
+                f"reserve_steps >= 0, window_steps >= 1 and 0 < grow < 1 (got {skip_steps}, {measure_steps}, "
+                f"{replan_every}, {margin}, {reserve_steps}, {window_steps}, {grow})."
             )
         self.skip_steps, self.measure_steps, self.replan_every, self.margin = skip_steps, measure_steps, replan_every, margin
-        self.reserve_steps = reserve_steps
+        self.reserve_steps, self.window_steps, self.grow = reserve_steps, window_steps, grow
         self._recent: deque[float] = deque(maxlen=self.RECENT)  # durations of the last steps
+        self._window: deque[tuple[int, float]] = deque()  # (step, time) over the last window_steps steps
         self._last: Optional[tuple[int, float]] = None
         self.planned: Optional[int] = None  # the step where the decay ends and training stops
         self.seconds_per_step: Optional[float] = None
@@ -69,6 +80,7 @@ class TrainingBudget(Callback):
             self._max_steps = trainer.max_steps
         self._start_step, self._mark, self._fresh = trainer.global_step, None, True
         self._recent.clear()
+        self._window.clear()
         self._last = None
         if self.planned is not None:  # resumed: the checkpoint's plan stands until this machine's pace is known
             self._apply(trainer, self.planned)
@@ -80,9 +92,13 @@ class TrainingBudget(Callback):
         if self._mark is None:
             if step >= self._start_step + self.skip_steps:
                 self._mark = self._last = (step, now)
+                self._window.append(self._mark)
             return
         if step > self._last[0]:
             self._recent.append((now - self._last[1]) / (step - self._last[0]))
+            self._window.append((step, now))
+            while step - self._window[0][0] > self.window_steps:
+                self._window.popleft()
         self._last = (step, now)
         measured = step - self._mark[0]
         remaining = time_limit(trainer).time_remaining()
@@ -92,20 +108,28 @@ class TrainingBudget(Callback):
             # The run ends at this step (a callback before this one saw the plan reached): a plan moved past it
             # now would leave the decay unfinished at the last step.
             return
-        # The pace since the mark, validation, checkpointing and stalls included, or the recent median if slower:
-        # a machine that stays slower shortens the plan at once, rather than the clock ending the run before its
-        # schedule does; one slow step (a validation) only moves the average.
-        pace = (now - self._mark[1]) / measured
+        # The pace over the window, validation, checkpointing and stalls included, or the recent median where that
+        # is clearly slower: a machine that stays slower shortens the plan at once, rather than the clock ending
+        # the run before its schedule does; one slow step (a validation) only moves the average; the jitter of
+        # the median alone moves nothing; and a busy spell ages out of the window, so the plan grows again when
+        # the machine is fast again.
+        first_step, first_time = self._window[0]
+        pace = (now - first_time) / max(1, step - first_step)
         if self._recent:
-            pace = max(pace, statistics.median(self._recent))
+            median = statistics.median(self._recent)
+            if median > self.SLOWER * pace:
+                pace = median
         # Kept free: a share of the time left, a few steps, and twice the slowest recent step (how much this
         # machine's steps jitter), whichever is most.
         reserve = max(remaining * self.margin, self.reserve_steps * pace, 2 * max(self._recent, default=0.0))
         if self._fresh:
             due = measured >= self.measure_steps
-        else:  # on schedule, and at once when the plan no longer fits the time left
-            due = (bool(self.replan_every) and measured % self.replan_every == 0) \
-                or (self.planned - step) * pace > remaining - reserve / 2
+        else:  # on schedule; at once when the plan no longer fits the time left, or would leave much of it unused
+            needed = (self.planned - step) * pace
+            usable = remaining - reserve
+            due = (bool(self.replan_every) and measured % self.replan_every == 0) or needed > remaining - reserve / 2 \
+                or (usable - needed > self.grow * usable and usable - needed > 2 * pace
+                    and (self._max_steps is None or self._max_steps <= 0 or self.planned < self._max_steps))
         if not due:
             return
         plan = step + max(1, math.floor((remaining - reserve) / pace))
