@@ -38,6 +38,9 @@ class Objective(nn.Module):
         loss_weighting: ``uniform`` (the MSE of the prediction) or ``min_snr`` (Hang et al. 2023: the loss
             weighted to min(SNR, gamma) x the x0-MSE, which stops low-noise steps dominating).
         min_snr_gamma: gamma of ``min_snr`` (5 in the paper).
+        uniform_share: with ``min_snr``, the share s of the uniform loss mixed in, (1 - s) x min-SNR + s x
+            uniform: min-SNR alone leaves the low-noise steps, where DDPM spends its last calls, almost untrained
+            (an eps weight under 0.03 for t < 20 on the linear schedule); 0 is the paper's.
         timestep_bucket_weights: optional loss weights for equal-width buckets of t (the first for the lowest
             t); e.g. ``[2, 1, 1, 1, 1, 1, 1, 1, 1, 1]`` doubles the weight of t < T/10.
         label_dropout: with a class-conditional net, the probability that a training label is replaced by
@@ -53,6 +56,7 @@ class Objective(nn.Module):
         prediction: str = "eps",
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
+        uniform_share: float = 0.0,
         timestep_bucket_weights: Optional[list[float]] = None,
         label_dropout: float = 0.1,
     ) -> None:
@@ -64,6 +68,8 @@ class Objective(nn.Module):
             raise ConfigError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {loss_weighting!r}.")
         if min_snr_gamma <= 0:
             raise ConfigError(f"min_snr_gamma must be positive, got {min_snr_gamma} (the paper uses 5).")
+        if not 0 <= uniform_share <= 1:
+            raise ConfigError(f"uniform_share must be in [0, 1], got {uniform_share} (0: min-SNR alone, 1: uniform).")
         if timestep_bucket_weights is not None and (
             not timestep_bucket_weights or any(w < 0 for w in timestep_bucket_weights) or not any(timestep_bucket_weights)
         ):
@@ -75,7 +81,7 @@ class Objective(nn.Module):
             raise ConfigError(f"label_dropout must be in [0, 1), got {label_dropout} (0.1 is the usual choice).")
         self.schedule = NoiseSchedule(schedule, num_timesteps, beta_start, beta_end)
         self.prediction, self.loss_weighting, self.min_snr_gamma = prediction, loss_weighting, min_snr_gamma
-        self.label_dropout = label_dropout
+        self.label_dropout, self.uniform_share = label_dropout, uniform_share
         if timestep_bucket_weights is not None:
             self.register_buffer("bucket_weights", torch.tensor(timestep_bucket_weights, dtype=torch.float32), persistent=False)
         else:
@@ -104,7 +110,8 @@ class Objective(nn.Module):
         return labels
 
     def loss_weights(self, t: Tensor) -> Tensor:
-        """Per-image loss weight at timesteps ``t``: the min-SNR factor times the bucket weight."""
+        """Per-image loss weight at timesteps ``t``: the min-SNR factor (with its uniform share) times the bucket
+        weight."""
         weights = torch.ones(t.shape, device=t.device)
         if self.loss_weighting == "min_snr":
             snr = self.schedule.snr_at(t)
@@ -113,6 +120,8 @@ class Objective(nn.Module):
             # make every one equal min(snr, gamma) x the x0-MSE.
             p = self.prediction
             weights = clipped / snr if p == "eps" else clipped / (snr + 1) if p == "v" else clipped
+            if self.uniform_share:
+                weights = (1 - self.uniform_share) * weights + self.uniform_share
         if self.bucket_weights is not None:
             k = len(self.bucket_weights)
             bucket = torch.div(t * k, self.num_timesteps, rounding_mode="floor").clamp(0, k - 1)

@@ -128,6 +128,22 @@ def test_min_snr_weights_match_their_formula(prediction):
     assert torch.allclose(loss[mid], (snr.clamp(max=gamma) * x0_mse)[mid], rtol=1e-3)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_a_uniform_share_mixes_the_plain_mse_into_min_snr(prediction):
+    t = torch.tensor([0, 10, 100, 300, 999])
+    x0, noise, net = torch.rand(5, 1, 4, 4) * 2 - 1, torch.randn(5, 1, 4, 4), FixedOutput()
+    losses = {}
+    for weighting, share in (("uniform", 0.0), ("min_snr", 0.0), ("min_snr", 0.25), ("min_snr", 1.0)):
+        objective = Objective(prediction=prediction, loss_weighting=weighting, uniform_share=share)
+        losses[weighting, share] = objective.loss(net, x0, t=t, noise=noise)[0]
+    plain, min_snr = losses["uniform", 0.0], losses["min_snr", 0.0]
+    assert torch.allclose(losses["min_snr", 0.25], 0.75 * min_snr + 0.25 * plain)
+    assert torch.allclose(losses["min_snr", 1.0], plain)
+    # The point of it: the lowest-noise step keeps a quarter of its plain loss's weight, not min-SNR's 5e-4.
+    weights = Objective(prediction=prediction, loss_weighting="min_snr", uniform_share=0.25).loss_weights(t)
+    assert weights[0] >= 0.25 and Objective(prediction=prediction, loss_weighting="min_snr").loss_weights(t)[0] < 1e-3
+
+
 def test_uniform_weighting_is_the_plain_mse_and_bucket_weights_scale_their_buckets():
     objective, net = Objective(prediction="v"), FixedOutput()
     t = torch.tensor([0, 99, 100, 550, 999])
@@ -146,6 +162,7 @@ def test_uniform_weighting_is_the_plain_mse_and_bucket_weights_scale_their_bucke
         (dict(prediction="score"), "Unknown prediction"),
         (dict(loss_weighting="p2"), "loss_weighting"),
         (dict(min_snr_gamma=0), "min_snr_gamma"),
+        (dict(loss_weighting="min_snr", uniform_share=1.5), "uniform_share"),
         (dict(timestep_bucket_weights=[]), "timestep_bucket_weights"),
         (dict(timestep_bucket_weights=[1.0, -1.0]), "timestep_bucket_weights"),
         (dict(label_dropout=1.0), "label_dropout"),
