@@ -269,7 +269,7 @@ class ProgressiveDistillation(Objective):
             raise ConfigError(f"round {round} is outside the {self.rounds} rounds of this distillation.")
         self._teacher_denoiser = teacher_denoiser
         self.student_steps = self.student_steps_of(round)
-        self._grids: dict[torch.device, Tensor] = {}
+        self._grids.clear()  # the new round's step count changes the grid
 
     def extra_repr(self) -> str:
         return f"prediction={self.prediction!r}, {self.teacher_steps} -> {self.final_steps} steps in {self.rounds} rounds"

@@ -129,12 +129,10 @@ class TrainingBudget(Callback):
             usable = remaining - reserve
             due = (bool(self.replan_every) and measured % self.replan_every == 0) or needed > remaining - reserve / 2 \
                 or (usable - needed > self.grow * usable and usable - needed > 2 * pace
-                    and (self._max_steps is None or self._max_steps <= 0 or self.planned < self._max_steps))
+                    and self._capped(self.planned + 1) > self.planned)
         if not due:
             return
-        plan = step + max(1, math.floor((remaining - reserve) / pace))
-        if self._max_steps is not None and self._max_steps > 0:
-            plan = min(plan, self._max_steps)
+        plan = self._capped(step + max(1, math.floor((remaining - reserve) / pace)))
         if self._fresh:
             rank_zero_info(
                 f"Training budget: {pace:.3f} s per step on this machine, so {plan:,} steps fit in the "
@@ -144,6 +142,10 @@ class TrainingBudget(Callback):
         self.seconds_per_step, self._fresh = pace, False
         self._apply(trainer, plan)
         log_metrics(trainer, {"budget/planned_steps": float(plan), "budget/seconds_per_step": pace})
+
+    def _capped(self, plan: int) -> int:
+        """The plan, no further than a configured ``max_steps``."""
+        return min(plan, self._max_steps) if self._max_steps is not None and self._max_steps > 0 else plan
 
     def _apply(self, trainer: Trainer, plan: int) -> None:
         self.planned = int(plan)
