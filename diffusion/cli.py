@@ -28,6 +28,7 @@ from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, Timestep
 from diffusion.callbacks.budget import TrainingBudget
 from diffusion.callbacks.distill import DistillationRounds
 from diffusion.callbacks.final_checkpoint import FinalCheckpoint
+from diffusion.checkpoint_io import storage_error
 from diffusion.data import DiffusionDataModule
 from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, refuse_old_layout
 from diffusion.objective import SCHEDULE_ARGS
@@ -317,6 +318,7 @@ class DiffusionCLI(LightningCLI):
         class_label: Optional[int] = None,
         guidance: Optional[float] = None,
         interpolate: int = 0,
+        ema_length: Optional[float] = None,
     ) -> Path:
         """Generate images from a checkpoint's EMA weights and write them as a PNG grid.
 
@@ -339,11 +341,17 @@ class DiffusionCLI(LightningCLI):
                 ``seed``, spherically interpolated, each sampled with a deterministic sampler (``ddim`` with
                 eta 0, or ``dpmpp2m``); a class-conditional model without ``class_label`` gets one strip per
                 class from the same two noises. ``num_samples`` is ignored.
+            ema_length: sample from the post-hoc EMA of this length (sigma_rel, a fraction of the training length,
+                e.g. 0.08) rebuilt from the checkpoint's PostHocEMA profiles, instead of its fixed EMA.
         """
         if num_samples < 1 or batch_size < 1:
             raise ConfigError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}.")
         out = check_output_path(out)
-        load_weights(model, ckpt_path)
+        checkpoint = load_weights(model, ckpt_path)
+        if ema_length is not None:
+            from diffusion.phema import rebuild
+
+            model.load_state_dict(rebuild(checkpoint, ema_length))
         num_classes = model.num_classes
         nrow = None
         if class_label is not None:
@@ -411,7 +419,7 @@ def main(args=None) -> None:
     try:
         DiffusionCLI(args=args)
     except Exception as e:
-        error = find_user_error(e)
+        error = find_user_error(e) or storage_error(e)  # a full disk: the images', W&B's files as a checkpoint's
         close_open_bars()  # the error, or the traceback, on a line of its own
         if error is None or os.environ.get("DIFFUSION_TRACEBACK"):
             raise

@@ -5,6 +5,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -221,3 +222,31 @@ def test_a_resumed_run_continues_bit_for_bit(tmp_path):
     assert not all(torch.equal(raw[k], second.averages[0][k]) for k in raw)
     checkpoint = {"state_dict": raw, "callbacks": {second.state_key: second.state_dict()}}
     model.load_state_dict(rebuild(checkpoint, 0.07))
+
+
+# --- the command line -------------------------------------------------------------------------------------
+def test_sample_takes_an_ema_length_and_refuses_one_it_cannot_rebuild(tmp_path, mnist_dir, cli_ok, cli_main):
+    from conftest import CONFIGS
+
+    tiny = ["--config", CONFIGS / "tiny.yaml", "--model.init_args.objective.init_args.num_timesteps", 20]
+    cli_ok("fit", *tiny, "--data.data_dir", mnist_dir, "--trainer.max_steps", 6, "--trainer.logger", "false",
+           "--trainer.limit_val_batches", 0, "--trainer.default_root_dir", tmp_path / "run", "--fid.samplers", "[ddim2]",
+           "--fid.test_samplers", "[ddim2]", "--sample_grids.samplers", "[ddim2]", "--diagnostics.grad_every_n_steps", 0,
+           "--data.batch_size", 4,
+           "--trainer.callbacks+=diffusion.phema.PostHocEMA", "--trainer.callbacks.snapshot_every_n_steps", 2)
+    ckpt = max((tmp_path / "run").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert saved_profiles(torch.load(ckpt, weights_only=False))["step"] == 6
+    common = ["sample", *tiny, "--ckpt_path", ckpt, "--num_samples", 2, "--sampler", "ddim", "--steps", 2]
+    cli_ok(*common, "--out", tmp_path / "fixed.png")
+    cli_ok(*common, "--out", tmp_path / "posthoc.png", "--ema_length", 0.07)
+    fixed, posthoc = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("fixed", "posthoc"))
+    assert fixed.shape == posthoc.shape and not np.array_equal(fixed, posthoc)
+
+    code, _, err = cli_main(*common, "--out", tmp_path / "x.png", "--ema_length", 0.005)
+    assert code == 2 and "EMA length 0.005 cannot be rebuilt" in err and "choose one from" in err
+    plain = torch.load(ckpt, weights_only=False)
+    plain["callbacks"] = {k: v for k, v in plain["callbacks"].items() if not k.startswith("PostHocEMA")}
+    torch.save(plain, tmp_path / "plain.ckpt")
+    code, _, err = cli_main(*common[:-6], "--ckpt_path", tmp_path / "plain.ckpt", "--num_samples", 2, "--out",
+                            tmp_path / "x.png", "--ema_length", 0.07)
+    assert code == 2 and "trained without the PostHocEMA callback" in err
