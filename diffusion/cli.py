@@ -206,10 +206,31 @@ class DiffusionCLI(LightningCLI):
                 category=UserWarning,
             )
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "test":  # not an argument of Trainer.test: read by _run_subcommand
+            parser.add_argument("--ema_length", type=Optional[float], default=None,
+                                help="test the post-hoc EMA of this length (sigma_rel), rebuilt from --ckpt_path's profiles")
+        return parser
+
     def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "test" and self.config_init.test.get("ema_length") is not None:
+            return self._test_post_hoc_ema(self.config_init.test.ema_length)
         if subcommand != "sample":
             return super()._run_subcommand(subcommand)
         self.sample(**self._prepare_subcommand_kwargs(subcommand))
+
+    def _test_post_hoc_ema(self, ema_length: float) -> None:
+        """``test --ema_length``: the weights are rebuilt here and tested as they are; the Trainer would load the
+        checkpoint's ``state_dict`` (its fixed EMA) over them."""
+        from diffusion.phema import rebuild
+
+        kwargs = self._prepare_subcommand_kwargs("test")
+        if not kwargs.get("ckpt_path"):
+            raise ConfigError("test --ema_length needs --ckpt_path, the checkpoint whose post-hoc EMA profiles to rebuild.")
+        checkpoint = load_weights(self.model, kwargs["ckpt_path"])
+        self.model.load_state_dict(rebuild(checkpoint, ema_length))
+        self.trainer.test(**{**kwargs, "ckpt_path": None})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Image geometry is a property of the data; the network is built to match it.

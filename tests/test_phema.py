@@ -2,6 +2,7 @@
 known sequence, the least-squares rebuild of saved and intermediate lengths, exact resume, one-line errors."""
 
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -228,10 +229,10 @@ def test_a_resumed_run_continues_bit_for_bit(tmp_path):
 def test_sample_takes_an_ema_length_and_refuses_one_it_cannot_rebuild(tmp_path, mnist_dir, cli_ok, cli_main):
     from conftest import CONFIGS
 
-    tiny = ["--config", CONFIGS / "tiny.yaml", "--model.init_args.objective.init_args.num_timesteps", 20]
+    tiny = ["--config", CONFIGS / "tiny.yaml", "--model.init_args.objective.init_args.num_timesteps", 20, "--fid.samplers",
+            "[ddim2]", "--fid.test_samplers", "[ddim2]", "--sample_grids.samplers", "[ddim2]"]
     cli_ok("fit", *tiny, "--data.data_dir", mnist_dir, "--trainer.max_steps", 6, "--trainer.logger", "false",
-           "--trainer.limit_val_batches", 0, "--trainer.default_root_dir", tmp_path / "run", "--fid.samplers", "[ddim2]",
-           "--fid.test_samplers", "[ddim2]", "--sample_grids.samplers", "[ddim2]", "--diagnostics.grad_every_n_steps", 0,
+           "--trainer.limit_val_batches", 0, "--trainer.default_root_dir", tmp_path / "run", "--diagnostics.grad_every_n_steps", 0,
            "--data.batch_size", 4,
            "--trainer.callbacks+=diffusion.phema.PostHocEMA", "--trainer.callbacks.snapshot_every_n_steps", 2)
     ckpt = max((tmp_path / "run").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -241,6 +242,13 @@ def test_sample_takes_an_ema_length_and_refuses_one_it_cannot_rebuild(tmp_path, 
     cli_ok(*common, "--out", tmp_path / "posthoc.png", "--ema_length", 0.07)
     fixed, posthoc = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("fixed", "posthoc"))
     assert fixed.shape == posthoc.shape and not np.array_equal(fixed, posthoc)
+
+    # test: the rebuilt weights, not the checkpoint's fixed EMA (the same seeded test noise, another loss).
+    testing = ["test", *tiny, "--data.data_dir", mnist_dir, "--ckpt_path", ckpt, "--trainer.limit_test_batches", 2,
+               "--trainer.logger", "false", "--fid.test_num_samples", 0, "--trainer.default_root_dir", tmp_path / "t"]
+    losses = [float(re.search(r"test/loss\s+([0-9.]+)", cli_ok(*testing, *extra)[0]).group(1))
+              for extra in ([], ["--ema_length", 0.07], ["--ema_length", 0.07])]
+    assert losses[0] != losses[1] == losses[2]
 
     code, _, err = cli_main(*common, "--out", tmp_path / "x.png", "--ema_length", 0.005)
     assert code == 2 and "EMA length 0.005 cannot be rebuilt" in err and "choose one from" in err
