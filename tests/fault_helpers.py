@@ -3,6 +3,7 @@
 - ``Faults``: SIGKILLs its own process after optimizer step $KILL_AT_STEP, or, with $KILL_DURING_SAVE_AT_STEP,
   half-way through writing the checkpoint of that step (no cleanup, no exception handlers, like a lost node);
   with $NAN_AT_STEP, feeds NaN images to that step.
+- ``CtrlC``: presses Ctrl-C at the moments of a step that $CTRL_C_STEP and $CTRL_C_AT name.
 - ``RecordWeights``: each rank writes a digest of its raw and EMA weights at the end of training.
 
 And the comparison of two runs' final checkpoints that the resume tests (CPU and GPU) make.
@@ -42,14 +43,56 @@ class Faults(Callback):
         if trainer.global_step != self.during_save:
             return
         # The file is written after this hook: cut the write off in the middle.
-        from fsspec.implementations.local import LocalFileOpener
+        half_way(_die)
 
-        def half_then_die(opener, data, *args, **kwargs):
-            opener.f.write(bytes(data)[: len(data) // 2])
-            opener.f.flush()
-            _die()
 
-        LocalFileOpener.write = half_then_die
+def half_way(then) -> None:
+    """Checkpoint writes call ``then()`` once half of the file is written, then write the rest."""
+    import io
+
+    from diffusion.checkpoint_io import AtomicCheckpointIO
+
+    def dump(checkpoint, f):
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        then()
+        f.write(data[len(data) // 2 :])
+
+    AtomicCheckpointIO._dump = staticmethod(dump)
+
+
+def _ctrl_c() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+class CtrlC(Callback):
+    """Presses Ctrl-C during the step that starts at global step $CTRL_C_STEP, at each of the moments named in
+    $CTRL_C_AT (comma-separated, in order): ``start`` (the step's start), ``backward`` (before the backward pass),
+    ``end`` (after the step's update and the EMA's), ``save`` (half-way through writing a checkpoint)."""
+
+    def __init__(self) -> None:
+        self.step = int(os.environ.get("CTRL_C_STEP", -1))
+        self.at = os.environ.get("CTRL_C_AT", "").split(",")
+        self.armed = False
+
+    def _press(self, moment: str) -> None:
+        if self.armed and moment in self.at:
+            _ctrl_c()
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self.armed = trainer.global_step == self.step
+        self._press("start")
+        if self.armed and "save" in self.at:
+            half_way(_ctrl_c)
+
+    def on_before_backward(self, trainer, *args) -> None:
+        self._press("backward")
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self._press("end")
 
 
 def digest(tensors) -> str:

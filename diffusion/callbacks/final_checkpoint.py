@@ -8,10 +8,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from diffusion.checkpoint_io import CheckpointWriteError, describe_last_written
+from diffusion.checkpoint_io import install as install_atomic_checkpoints
 from diffusion.errors import TrainingDiverged
+
+AGAIN = "Ctrl-C again to stop at once and save the last finished step, a third time to stop without saving"
 
 
 class FinalCheckpoint(Callback):
@@ -22,7 +27,14 @@ class FinalCheckpoint(Callback):
 
     SIGTERM and the first Ctrl-C (SIGINT) only ask for a stop: the current step finishes, the EMA is updated, the
     evaluations of the last validation are skipped (there may be seconds left, not minutes), and ``last.ckpt`` is
-    written. A second Ctrl-C interrupts at once, as usual, and saves nothing (the weights may be half updated).
+    written. A second Ctrl-C stops at once and saves the weights of the last finished step: it interrupts the
+    forward and backward pass (which change nothing that is saved) at once, and anything else (the optimizer's
+    update, the EMA's, a validation, a checkpoint being written) at its end, so that the weights, the EMA and
+    the optimizer saved are those of one step. A third Ctrl-C stops without saving (a checkpoint being written
+    is abandoned whole). SIGKILL cannot be caught: the newest checkpoint is the last one written.
+
+    It also makes every checkpoint write of the run atomic (``diffusion.checkpoint_io``), unless the Trainer was
+    given a checkpoint plugin of its own.
 
     Args:
         signals: catch SIGTERM and SIGINT as above (main thread only).
@@ -34,10 +46,22 @@ class FinalCheckpoint(Callback):
         self._previous: dict[int, Any] = {}
         self.saved: Optional[Path] = None
         self._saved_step: Optional[int] = None
+        self._reset_interrupts()
+
+    def _reset_interrupts(self) -> None:
+        self._presses = 0  # Ctrl-Cs after the stop request
+        self._save_now = False  # a second Ctrl-C: stop at the next consistent point and save
+        self._interruptible = False  # in the forward and backward pass, where stopping leaves the last step whole
+        self._saving = False
+        self._swapped = False  # interrupted inside a validation epoch, with the EMA's weights in the model
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        install_atomic_checkpoints(trainer)
 
     # --- signals ------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.stop_requested, self.saved, self._saved_step = None, None, None
+        self._reset_interrupts()
         if not self.signals or threading.current_thread() is not threading.main_thread():
             return
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -46,14 +70,53 @@ class FinalCheckpoint(Callback):
             def handler(num, frame) -> None:
                 name = signal.Signals(num).name
                 if self.stop_requested is not None and num == signal.SIGINT:
-                    raise KeyboardInterrupt  # a second Ctrl-C: stop now
+                    self._press_again(trainer)
+                    return
                 if self.stop_requested is None:
                     rank_zero_info(f"\n{name}: stopping after this step and saving last.ckpt"
-                                   + (" (Ctrl-C again to stop at once)." if num == signal.SIGINT else "."))
+                                   + (f" ({AGAIN})." if num == signal.SIGINT else "."))
                 self.stop_requested = name
                 trainer.should_stop = True
 
             signal.signal(signum, handler)
+
+    def _press_again(self, trainer: Trainer) -> None:
+        """A Ctrl-C after the stop request: the second saves the last finished step and stops, the third stops."""
+        self._presses += 1
+        if self._presses >= 2 or trainer.world_size > 1:
+            rank_zero_info(f"\nCtrl-C again: stopping at once without saving. {describe_last_written()}")
+            raise KeyboardInterrupt
+        self._save_now = True
+        rank_zero_info("\nCtrl-C again: stopping at once, saving the weights of the last finished step to "
+                       "last.ckpt (Ctrl-C a third time to stop without saving).")
+        if self._interruptible:
+            raise KeyboardInterrupt
+        # Otherwise the weights are being updated, evaluated or written: the next consistent point stops the run
+        # (a few milliseconds, or the validation batch or checkpoint under way).
+
+    def _stop_if_asked(self, swapped: bool = False) -> None:
+        """A consistent point: stop here if a second Ctrl-C came while the weights were not."""
+        if self._save_now and not self._saving:
+            self._swapped = swapped
+            raise KeyboardInterrupt
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        self._stop_if_asked()
+        self._interruptible = True
+
+    def on_before_optimizer_step(self, trainer: Trainer, *args: Any) -> None:
+        self._interruptible = False  # the update follows (and the learning rate's, and the EMA's)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._interruptible = False
+        self._stop_if_asked()
+
+    def on_validation_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._stop_if_asked(swapped=True)  # every on_validation_epoch_start has run: the EMA swapped in
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stop_if_asked()
 
     def _restore_signals(self) -> None:
         for signum, previous in self._previous.items():
@@ -61,6 +124,7 @@ class FinalCheckpoint(Callback):
         self._previous = {}
 
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self._interruptible = False  # accumulating batches end here without an update
         if self.stop_requested:
             trainer.should_stop = True  # in case a callback reset it
 
@@ -74,7 +138,11 @@ class FinalCheckpoint(Callback):
         if cb is None:
             return None
         path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
+        self._saving = True
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            self._saving = False
         cb.last_model_path = str(path)
         # Lightning 2.6's ModelCheckpoint writes last.ckpt again in its on_train_end unless it saved one itself,
         # by then with the EMA average copied over the raw weights (WeightAveraging.on_train_end): mark it saved.
@@ -111,7 +179,14 @@ class FinalCheckpoint(Callback):
             self.save(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        entry = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C while it shuts down after one
         self._restore_signals()
+        if isinstance(exception, KeyboardInterrupt) and self._save_now and self._presses < 2:
+            try:
+                self._save_after_interrupt(trainer, pl_module)
+            finally:
+                signal.signal(signal.SIGINT, entry)
+            return
         if not isinstance(exception, TrainingDiverged) or trainer.global_step == 0:
             return
         if trainer.world_size > 1:
@@ -119,6 +194,34 @@ class FinalCheckpoint(Callback):
             rank_zero_warn("NaN loss under DDP: not saving last.ckpt (the last periodic checkpoint is the good one).")
             return
         # Raised before backward: the weights, the EMA and the optimizer are those of the last good step.
-        path = self.save(trainer)
+        try:
+            path = self.save(trainer)
+        except CheckpointWriteError as e:  # the NaN stays the news; the full disk is said after it
+            if exception.args:
+                exception.args = (f"{exception.args[0]} Saving last.ckpt failed too: {e}",)
+            return
         if path is not None and exception.args:
             exception.args = (f"{exception.args[0]} The weights from before this step are in {path}.",)
+
+    def _save_after_interrupt(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The second Ctrl-C's save: the weights of the last finished step (see ``_press_again``)."""
+        if trainer.global_step == 0 or self._checkpoint_callback(trainer) is None:
+            rank_zero_info("Stopped; no step had finished, nothing to save.")
+            return
+        if self._swapped:  # interrupted inside a validation epoch: the raw weights back in the model
+            for cb in trainer.callbacks:
+                if isinstance(cb, WeightAveraging) and cb._average_model is not None:
+                    cb._swap_models(pl_module)
+        if not self._stale(trainer):
+            rank_zero_info(f"Stopped; {self.saved} holds step {trainer.global_step} already.")
+            return
+
+        def third(num, frame) -> None:
+            self._presses += 1
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, third)
+        try:
+            self.save(trainer)
+        except KeyboardInterrupt:
+            rank_zero_info(f"\nCtrl-C a third time: stopped without saving. {describe_last_written()}")
