@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU ops); default: torch's choice")
     p.add_argument("--fid_weights", default=None, help="Inception weights (default: the config's fid.weights_path, $DIFFUSION_FID_WEIGHTS, or ../shared/fid)")
     p.add_argument("--fid_cache", default=None, help="cache of the reference statistics (default: the config's fid.cache_dir, $DIFFUSION_FID_CACHE, ~/.cache/diffusion/fid)")
+    p.add_argument("--ema_length", default=None, help="comma-separated post-hoc EMA lengths (sigma_rel, e.g. 0.05,0.08,0.1) to score, each "
+                   "rebuilt from the checkpoint's PostHocEMA profiles, instead of its fixed EMA; one record per (length, sampler)")
     return p
 
 
@@ -96,6 +98,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     args.sampler_list = [s.strip() for s in args.samplers.split(",") if s.strip()]
     if not args.sampler_list:
         parser.error("--samplers: give at least one, e.g. ddim50")
+    args.ema_lengths = parse_ema_lengths(parser, args.ema_length)
     if args.threads:
         import torch
 
@@ -104,6 +107,23 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         args.out = str(ROOT / "runs" / "quality" / f"{Path(args.config).stem}-{stamp}")
     return args, overrides
+
+
+def parse_ema_lengths(parser: argparse.ArgumentParser, text: Optional[str]) -> list[float]:
+    """``--ema_length``'s list, each checked (a bad one ends in parser.error before any training)."""
+    if text is None:
+        return []
+    from diffusion.errors import ConfigError
+    from diffusion.phema import sigma_rel_to_gamma
+
+    lengths = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            lengths.append(float(part))
+            sigma_rel_to_gamma(lengths[-1])
+        except (ValueError, ConfigError) as e:
+            parser.error(f"--ema_length {part!r}: {e if isinstance(e, ConfigError) else 'not a number'}")
+    return lengths
 
 
 def max_time(minutes: float) -> str:
@@ -156,9 +176,10 @@ def load(args, overrides: list[str], out: Path) -> tuple[Any, dict[str, Any]]:
                  "steps": state.get("global_step"), "ema": "averaging_state" in state}
 
 
-def score(cli, args, emit, out: Path) -> tuple[list[dict], dict]:
+def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None) -> tuple[list[dict], dict]:
     """FID of each sampler and of the held-out floor through ``FIDScorer`` (what the FID callback runs), with the
-    config's FID settings (features, weights, cache, batch) and ``--seed``; one record each."""
+    config's FID settings (features, weights, cache, batch) and ``--seed``; one record each, per ``--ema_length``
+    (rebuilt from ``checkpoint``) where given."""
     from diffusion import evaluation as ev
     from diffusion.callbacks import FIDEvaluation
     from diffusion.cli import save_grid
@@ -184,22 +205,30 @@ def score(cli, args, emit, out: Path) -> tuple[list[dict], dict]:
     common = {"num_samples": args.num_samples, "num_real": scorer.real["num_real"], "features": features}
     emit({"kind": "reference", **common, "seconds": time.perf_counter() - start, "cache_hit": scorer.real["hit"],
           "cache": str(scorer.real["path"])})
-    results, ddpm = [], None
-    # DDPM first, so that each sampler's line carries its ratio when it is printed.
-    for spec in sorted(specs, key=lambda s: not (s.name == "ddpm" and s.guidance is None)):
-        r = scorer.score(model, spec, args.num_samples, precision=trainer.precision_plugin.forward_context,
-                         progress=bars, keep=args.grid)
-        if args.grid:
-            save_grid(r["images"], out / f"samples-{spec.key}.png")
-        if spec.name == "ddpm" and spec.guidance is None:
-            ddpm = r["fid"]
-        sampling = r["seconds"]
-        record = {"kind": "sampler", "spec": spec.text, "key": spec.key, "sampler": spec.name, "steps": spec.steps,
-                  "guidance": spec.guidance, "fid": r["fid"], "ratio_to_ddpm": r["fid"] / ddpm if ddpm else None,
-                  "sampling_seconds": sampling, "inception_seconds": r["inception_seconds"],
-                  "images_per_s": args.num_samples / sampling if sampling > 0 else None, **common}
-        emit(record)
-        results.append(record)
+    results = []
+    for length in args.ema_lengths or [None]:
+        if length is not None:
+            from diffusion.phema import rebuild
+
+            model.load_state_dict(rebuild(checkpoint, length, getattr(args, "ema_step", None)))  # ema_sweep's --step
+        ddpm = None
+        # DDPM first, so that each sampler's line carries its ratio when it is printed.
+        for spec in sorted(specs, key=lambda s: not (s.name == "ddpm" and s.guidance is None)):
+            r = scorer.score(model, spec, args.num_samples, precision=trainer.precision_plugin.forward_context,
+                             progress=bars, keep=args.grid)
+            key = spec.key if length is None else f"{spec.key}@ema{length:g}"
+            if args.grid:
+                save_grid(r["images"], out / f"samples-{key}.png")
+            if spec.name == "ddpm" and spec.guidance is None:
+                ddpm = r["fid"]
+            sampling = r["seconds"]
+            record = {"kind": "sampler", "spec": spec.text, "key": key, "sampler": spec.name, "steps": spec.steps,
+                      "guidance": spec.guidance, "ema_length": length, "fid": r["fid"],
+                      "ratio_to_ddpm": r["fid"] / ddpm if ddpm else None, "sampling_seconds": sampling,
+                      "inception_seconds": r["inception_seconds"],
+                      "images_per_s": args.num_samples / sampling if sampling > 0 else None, **common}
+            emit(record)
+            results.append(record)
     start = time.perf_counter()
     floor, held_out_images = scorer.floor(dm, args.num_samples, progress=bars)
     floor_record = {"kind": "floor", "fid": floor, "held_out_images": held_out_images,
@@ -220,7 +249,8 @@ def markdown(config: str, train_record: dict, results: list[dict], floor: dict, 
              f"| sampler | FID | x {ddpm} | sampling s | images/s |", "|---|---|---|---|---|"]
     for r in results:
         ratio = "-" if r["ratio_to_ddpm"] is None else f"{r['ratio_to_ddpm']:.2f}"
-        lines.append(f"| {r['spec']} | {r['fid']:.2f} | {ratio} | {r['sampling_seconds']:.1f} | {fmt(r['images_per_s'])} |")
+        label = r["spec"] if r.get("ema_length") is None else f"{r['spec']}, EMA length {r['ema_length']:g}"
+        lines.append(f"| {label} | {r['fid']:.2f} | {ratio} | {r['sampling_seconds']:.1f} | {fmt(r['images_per_s'])} |")
     lines.append(f"| held-out data ({floor['held_out_images']:,} images): the floor | {floor['fid']:.2f} | - | - | - |")
     return "\n".join(lines)
 
@@ -239,7 +269,8 @@ def readable(r: dict[str, Any]) -> str:
         return head + f"{r['num_real']:,} training images' statistics in {r['seconds']:.1f} s ({'cached' if r['cache_hit'] else 'computed'})"
     if kind == "sampler":
         ratio = "" if r["ratio_to_ddpm"] is None else f", {r['ratio_to_ddpm']:.2f}x DDPM"
-        return head + (f"{r['spec']:<10} FID {r['fid']:.2f}{ratio} | sampling {r['sampling_seconds']:.1f} s, Inception "
+        ema = "" if r.get("ema_length") is None else f" (EMA length {r['ema_length']:g})"
+        return head + (f"{r['spec']:<10} FID {r['fid']:.2f}{ratio}{ema} | sampling {r['sampling_seconds']:.1f} s, Inception "
                        f"{r['inception_seconds']:.1f} s")
     if kind == "floor":
         return head + f"held-out {r['held_out_images']:,} images: FID {r['fid']:.2f} ({r['seconds']:.1f} s)"
@@ -255,14 +286,22 @@ def run(args, overrides: list[str], emit: Emitter) -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # Lightning's prints must not mix with the records
+        if args.ckpt and args.ema_lengths:  # a length the checkpoint cannot rebuild fails here, not after scoring
+            checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+            from diffusion.phema import rebuild
+
+            for length in args.ema_lengths:
+                rebuild(checkpoint, length)
         cli, train_record = (load if args.ckpt else train)(args, overrides, out)
+        if args.ema_lengths and not args.ckpt:
+            checkpoint = torch.load(out / "model.ckpt", map_location="cpu", weights_only=False)
         device = cli.trainer.strategy.root_device
         emit({"kind": "env", "device_name": device_name(device), **software(), "config": args.config,
               "overrides": (QUICK_OVERRIDES if args.quick else []) + overrides, "quick": args.quick,
               "threads": torch.get_num_threads(), "seed": args.seed,
               "parameters": sum(p.numel() for p in cli.model.parameters())})
         emit(train_record)
-        results, floor = score(cli, args, emit, out)
+        results, floor = score(cli, args, emit, out, checkpoint if args.ema_lengths else None)
     table = markdown(args.config, train_record, results, floor, device_name(device))
     (out / "table.md").write_text(table + "\n")
     emit({"kind": "summary", "config": args.config, "steps": train_record.get("steps"),

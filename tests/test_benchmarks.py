@@ -162,11 +162,74 @@ def test_quality_rescoring_the_checkpoint_gives_the_same_figures(quality_run, mn
     (["--minutes", "0"], ["--minutes", "positive"]),
     (["--num_samples", "1"], ["--num_samples", "at least 2"]),
     (["--ckpt", "missing.ckpt"], ["--ckpt", "missing.ckpt"]),
+    (["--ema_length", "0.1,0"], ["--ema_length '0'", "sigma_rel must be in (0, 0.2887)"]),
 ])
 def test_quality_bad_option_exits_with_a_readable_error(args, words, tmp_path):
     proc = quality(*args, "--out", tmp_path, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     assert "Traceback" not in proc.stderr and all(w in proc.stderr for w in words), proc.stderr
+
+
+# --- post-hoc EMA: quality.py --ema_length and benchmarks/ema_sweep.py ----------------------------------------
+POST_HOC = ["--trainer.callbacks+=diffusion.phema.PostHocEMA", "--trainer.callbacks.snapshot_every_n_steps", "1",
+            "--trainer.callbacks.max_snapshots", "2"]
+
+
+@pytest.fixture(scope="module")
+def post_hoc_run(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("post_hoc")
+    proc = quality("--config", CONFIGS / "mnist_cpu.yaml", "--quick", "--json", "--out", out, "--fid_cache", out / "cache",
+                   "--samplers", "ddim5", "--ema_length", "0.05,0.1", "--", "--data.init_args.data_dir", mnist_dir,
+                   "--fid.feature_extractor", "fid_helpers.TinyFeatures", *POST_HOC)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return [json.loads(line) for line in proc.stdout.strip().splitlines()], out
+
+
+def test_quality_scores_each_ema_length(post_hoc_run):
+    records, out = post_hoc_run
+    samplers = [r for r in records if r["kind"] == "sampler"]
+    assert [(r["key"], r["ema_length"]) for r in samplers] == [("ddim5@ema0.05", 0.05), ("ddim5@ema0.1", 0.1)]
+    assert all(positive(r["fid"]) for r in samplers) and records[-1]["fid"].keys() == {"ddim5@ema0.05", "ddim5@ema0.1"}
+    assert "| ddim5, EMA length 0.05 |" in (out / "table.md").read_text()
+
+
+def ema_sweep(*args, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ema_sweep.py"), *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_ema_sweep_quick_scores_the_rebuildable_lengths_and_draws_them(post_hoc_run, mnist_dir, tmp_path):
+    from PIL import Image
+
+    ckpt = post_hoc_run[1] / "model.ckpt"
+    proc = ema_sweep("--ckpt", ckpt, "--quick", "--json", "--out", tmp_path, "--fid_cache", post_hoc_run[1] / "cache",
+                     "--ema_lengths", "0.01,0.05,0.07,0.1", "--", "--data.init_args.data_dir", mnist_dir,
+                     "--fid.feature_extractor", "fid_helpers.TinyFeatures")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    records = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [r["ema_length"] for r in records if r["kind"] == "skipped"] == [0.01]  # far shorter than both profiles
+    scored = {r["ema_length"]: r["fid"] for r in records if r["kind"] == "sampler"}
+    assert list(scored) == [0.05, 0.07, 0.1] and all(positive(f) for f in scored.values())
+    summary = records[-1]
+    assert summary["kind"] == "summary" and summary["best_ema_length"] in scored and summary["skipped"] == [0.01]
+    assert Image.open(tmp_path / "fid_vs_ema_length.png").size == (720, 440)
+    assert "| 0.07 |" in (tmp_path / "table.md").read_text() or "| 0.07 (best) |" in (tmp_path / "table.md").read_text()
+    # Same weights, same noise as quality.py's records of the saved lengths: the same figures.
+    before = {r["ema_length"]: r["fid"] for r in post_hoc_run[0] if r["kind"] == "sampler"}
+    assert scored[0.05] == pytest.approx(before[0.05], rel=1e-4) and scored[0.1] == pytest.approx(before[0.1], rel=1e-4)
+
+
+def test_ema_sweep_of_a_checkpoint_without_profiles_says_so(post_hoc_run, tmp_path):
+    import torch
+
+    checkpoint = torch.load(post_hoc_run[1] / "model.ckpt", weights_only=False)
+    checkpoint["callbacks"] = {k: v for k, v in checkpoint["callbacks"].items() if not k.startswith("PostHocEMA")}
+    torch.save(checkpoint, tmp_path / "plain.ckpt")
+    proc = ema_sweep("--ckpt", tmp_path / "plain.ckpt", "--quick", "--out", tmp_path / "out", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "trained without the PostHocEMA callback" in proc.stderr and proc.stderr.count("\n") == 2
 
 
 def load_compute_curve():
