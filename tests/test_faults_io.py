@@ -103,3 +103,82 @@ def test_a_disk_that_fills_during_fit_ends_in_one_line_and_keeps_the_last_good_c
     assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=5.ckpt", "last.ckpt"]  # nothing partial
     assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 5
     assert (folder.parent / "config.yaml").is_file()  # the run's other outputs stay
+
+
+def ctrl_c_run(config, mnist_dir, root, step: int, at: str, **kwargs):
+    """A ``fit`` in a subprocess, with Ctrl-C pressed at the moments ``at`` of the step that starts at ``step``."""
+    return run_cli("fit", "--config", config, "--data.data_dir", mnist_dir, "--trainer.default_root_dir", root,
+                   "--trainer.max_steps", 30, *SMALL, *QUIET, env={"CTRL_C_STEP": str(step), "CTRL_C_AT": at},
+                   check=False, **kwargs)
+
+
+def test_a_second_ctrl_c_in_a_step_saves_the_last_finished_step_and_stops(config, mnist_dir, tmp_path):
+    # The issue's impatient user: the second press comes while the step that the first one ends is still running.
+    proc = ctrl_c_run(config, mnist_dir, tmp_path, 7, "start,backward")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "SIGINT: stopping after this step and saving last.ckpt (Ctrl-C again to stop at once and save" in out
+    assert "Ctrl-C again: stopping at once, saving the weights of the last finished step to last.ckpt" in out
+    (folder,) = tmp_path.rglob("checkpoints")
+    assert f"Saved {folder / 'last.ckpt'} (step 7)." in out
+    assert "Traceback" not in out
+    state = torch.load(folder / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 7 and state["averaging_state"]["n_averaged"] == 7  # EMA of the same step
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file
+
+
+@pytest.fixture
+def ctrl_c_in_process(config, mnist_dir, tmp_path, cli_main, monkeypatch):
+    """The same in this process (no ~8 s of imports): (exit code, stdout + stderr, checkpoints folder)."""
+    previous = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(AtomicCheckpointIO, "_dump", AtomicCheckpointIO.__dict__["_dump"])  # undone after CtrlC's "save"
+
+    def run(step: int, at: str):
+        monkeypatch.setenv("CTRL_C_STEP", str(step))
+        monkeypatch.setenv("CTRL_C_AT", at)
+        try:
+            code, out, err = cli_main("fit", "--config", config, "--data.data_dir", mnist_dir,
+                                      "--trainer.default_root_dir", tmp_path, "--trainer.max_steps", 30, *SMALL, *QUIET)
+        finally:
+            signal.signal(signal.SIGINT, previous)  # Lightning ignores Ctrl-C after one, for its shutdown
+            monkeypatch.delenv("CTRL_C_STEP")
+        (folder,) = tmp_path.rglob("checkpoints")
+        return code, out + err, folder
+
+    return run
+
+
+def test_a_second_ctrl_c_during_the_update_saves_that_step_once_it_is_whole(ctrl_c_in_process, caplog):
+    # Pressed after the optimizer's update and the EMA's: the step in progress is the last finished one.
+    code, out, folder = ctrl_c_in_process(7, "start,end")
+    out += caplog.text
+    assert code == 1, out[-3000:]
+    assert "Ctrl-C again: stopping at once, saving" in out
+    state = torch.load(folder / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 8 and state["averaging_state"]["n_averaged"] == 8
+    raw, ema = state["current_model_state"], state["state_dict"]
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # not swapped by a validation
+
+
+def test_a_run_stopped_by_a_second_ctrl_c_resumes(ctrl_c_in_process, cli_main, mnist_dir, config, tmp_path):
+    # Saved mid-step (the step interrupted in its backward pass): the resumed run trains that step again.
+    code, out, folder = ctrl_c_in_process(7, "start,backward")
+    assert code == 1, out[-3000:]
+    resumed = tmp_path / "resumed"
+    code, out, err = cli_main("fit", "--config", config, "--data.data_dir", mnist_dir, "--trainer.default_root_dir",
+                              resumed, "--trainer.max_steps", 9, "--ckpt_path", folder / "last.ckpt", *SMALL, *QUIET)
+    assert code in (0, None), err[-3000:]
+    (last,) = resumed.rglob("checkpoints/last.ckpt")
+    state = torch.load(last, weights_only=False)
+    assert state["global_step"] == 9 and state["averaging_state"]["n_averaged"] == 9
+
+
+def test_a_third_ctrl_c_stops_without_saving_and_leaves_no_partial_file(ctrl_c_in_process, caplog):
+    # The third press comes half-way through the second one's write of last.ckpt: the step-5 last.ckpt stays.
+    code, out, folder = ctrl_c_in_process(7, "start,backward,save")
+    out += caplog.text
+    assert code == 1, out[-3000:]
+    assert f"Ctrl-C a third time: stopped without saving. The last good checkpoint is {folder / 'last.ckpt'} " \
+           "(step 5)." in out
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=5.ckpt", "last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 5
