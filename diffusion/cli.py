@@ -93,6 +93,34 @@ def check_output_path(out: str | Path) -> Path:
     return path
 
 
+# Options that name a file or folder: (key, flag, what to pass). A null one that has a default when left out
+# (the data folder, the FID weights) takes that default; an empty one, or a null that jsonargparse turned into
+# the text "None" (it does so in a subclass's init_args), is a cleared option that no path follows.
+PATH_OPTIONS = (
+    ("ckpt_path", "--ckpt_path", "a checkpoint written by `fit`, e.g. runs/<config>/<run id>/checkpoints/last.ckpt"
+     " (leave the option out for `fit` to start from scratch)"),
+    ("model.init_args.objective.init_args.teacher", "--model.init_args.objective.init_args.teacher",
+     "the checkpoint to distil, e.g. runs/mnist_cpu/<run id>/checkpoints/last.ckpt"),
+    ("data.init_args.data_dir", "--data.data_dir", "the folder that holds the data set (leave the option out for "
+     "$DIFFUSION_DATA_DIR, else ./data)"),
+    ("fid.weights_path", "--fid.weights_path", "a local pt_inception-2015-12-05-*.pth (leave the option out to "
+     "download the standard weights)"),
+)
+
+
+def check_path_options(config: Namespace, subcommand: Optional[str]) -> None:
+    """One line naming an empty path option and what to pass, before anything reads it."""
+    for key, flag, what in PATH_OPTIONS:
+        try:
+            value = config.get(key)
+        except (KeyError, AttributeError, TypeError):  # a group this config does not have
+            continue
+        required = key == "ckpt_path" and subcommand == "sample"
+        if (value is None and required) or (value is not None and str(value).strip().lower() in ("", "none", "null")):
+            shown = "null" if value is None or str(value).strip().lower() in ("none", "null") else "empty"
+            raise ConfigError(f"{flag} is {shown}: pass {what}.")
+
+
 def command_line_model_keys(args: list[str], config: Namespace) -> dict[str, str]:
     """``--model.X v`` and ``--model.X=v`` arguments of a command line: {key in the config: flag as typed}.
     jsonargparse takes ``--model.lr`` for ``--model.init_args.lr``; keys are resolved to the stored form."""
@@ -164,6 +192,7 @@ class DiffusionCLI(LightningCLI):
         # make a bad file say so, keep this run's speed switches, and give explicit --model arguments back their
         # say where the weights allow.
         subcommand = self.config.get("subcommand")
+        check_path_options(self.config[subcommand] if subcommand else self.config, subcommand)
         given = self.config[subcommand].clone() if subcommand else None
         ckpt_path = given.get("ckpt_path") if given is not None else None
         if ckpt_path and Path(ckpt_path).is_file():

@@ -182,3 +182,21 @@ def test_a_third_ctrl_c_stops_without_saving_and_leaves_no_partial_file(ctrl_c_i
            "(step 5)." in out
     assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=5.ckpt", "last.ckpt"]
     assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 5
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["fit", "--config", CONFIGS / "mnist_cpu_distill.yaml", "--model.init_args.objective.init_args.teacher", "null"],
+     "--model.init_args.objective.init_args.teacher is null: pass the checkpoint to distil"),
+    (["fit", "--config", CONFIGS / "mnist_cpu_distill.yaml", "--model.init_args.objective.init_args.teacher", ""],
+     "--model.init_args.objective.init_args.teacher is empty: pass the checkpoint to distil"),
+    (["fit", "--config", CONFIGS / "tiny.yaml", "--ckpt_path", ""], "--ckpt_path is empty: pass a checkpoint"),
+    (["sample", "--config", CONFIGS / "tiny.yaml", "--ckpt_path", "null"], "--ckpt_path is null: pass a checkpoint"),
+    (["fit", "--config", CONFIGS / "tiny.yaml", "--data.data_dir", ""], "--data.data_dir is empty: pass the folder"),
+    (["fit", "--config", CONFIGS / "tiny.yaml", "--fid.weights_path", ""], "--fid.weights_path is empty: pass a local"),
+], ids=["teacher null", "teacher empty", "ckpt_path empty", "sample ckpt_path null", "data_dir empty", "FID weights empty"])
+def test_an_empty_or_null_path_option_names_itself_and_what_to_pass(cli_main, tmp_path, args, flag):
+    code, out, err = cli_main(*args, "--trainer.default_root_dir", tmp_path, "--trainer.logger", "false")
+    assert code == 2, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {flag}"), line
+    assert "Traceback" not in err
