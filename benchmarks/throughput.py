@@ -335,7 +335,7 @@ def bench_sample(pristine, specs, flops, args, device, precision, base) -> list[
     after one 3-step DDIM warm-up at the same batch (compilation, CUDA graph capture, autotuning)."""
     import torch
 
-    from diffusion.samplers import get_sampler, make_timesteps
+    from diffusion.samplers import get_sampler, make_timesteps, sampler_timesteps
 
     module = copy.deepcopy(pristine).to(device).eval()
     module.apply_memory_format(device)
@@ -360,7 +360,7 @@ def bench_sample(pristine, specs, flops, args, device, precision, base) -> list[
         if spec.name == "ddim":
             options["eta"] = module.sampling.eta
         fn = get_sampler(spec.name)
-        timesteps = make_timesteps(T, spec.steps)
+        timesteps = sampler_timesteps(module.schedule, spec.name, spec.steps)
         with precision_context(precision, device):
             if w not in warmed:
                 get_sampler("ddim")(denoiser, module.schedule, x_T, make_timesteps(T, min(3, T)),

@@ -3,7 +3,7 @@
 from diffusion.data import DiffusionDataModule
 from diffusion.ema import EMA
 from diffusion.module import DiffusionModel
-from diffusion.objective import Objective, ProgressiveDistillation
+from diffusion.objective import EDMObjective, Objective, ProgressiveDistillation
 from diffusion.optim import Optimization
 from diffusion.samplers import SAMPLERS, SamplingDefaults, ddim_sample, ddpm_sample, make_timesteps
 from diffusion.schedule import NoiseSchedule
@@ -15,6 +15,7 @@ __all__ = [
     "SAMPLERS",
     "DiffusionDataModule",
     "DiffusionModel",
+    "EDMObjective",
     "NoiseSchedule",
     "Objective",
     "Optimization",

@@ -27,7 +27,7 @@ from diffusion.evaluation import derive_seed
 from diffusion.objective import Objective
 from diffusion.optim import Optimization
 from diffusion.runs import state_dict_mismatch
-from diffusion.samplers import SamplingDefaults, get_sampler, make_timesteps
+from diffusion.samplers import SamplingDefaults, ddim_sample, get_sampler, sampler_timesteps
 from diffusion.speed import FastNet, SpeedSwitches
 from diffusion.unet import UNet
 
@@ -260,8 +260,9 @@ class DiffusionModel(LightningModule):
         sampler = self.sampling.sampler if sampler is None else sampler
         fn = get_sampler(sampler)
         T = self.objective.num_timesteps
-        timesteps = make_timesteps(T, (T if sampler == "ddpm" else self.sampling.steps) if steps is None else steps)
-        if sampler == "ddim":
+        steps = (T if sampler == "ddpm" else self.sampling.steps) if steps is None else steps
+        timesteps = sampler_timesteps(self.schedule, sampler, steps)
+        if fn is ddim_sample:
             options.setdefault("eta", self.sampling.eta if eta is None else eta)
         options.setdefault("clip_x0", self.sampling.clip_x0)
         if generator is None:

@@ -51,8 +51,29 @@ def make_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") ->
     return ts.long()
 
 
-def _check_timesteps(schedule: NoiseSchedule, timesteps: Tensor) -> list[int]:
-    ts = torch.as_tensor(timesteps).flatten().tolist()
+def karras_timesteps(schedule: NoiseSchedule, steps: int, rho: float = 7.0) -> Tensor:
+    """``steps`` fractional timesteps, descending, whose noise levels follow Karras et al. 2022 (eq. 5):
+    sigma_i = (sigma_max^(1/rho) + i / (steps - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, from the schedule's
+    largest sigma to its smallest (t = T-1 to t = 0); rho = 7 spends most steps at low noise."""
+    if steps < 1:
+        raise ConfigError(f"steps must be positive, got {steps}.")
+    if rho <= 0:
+        raise ConfigError(f"rho must be positive, got {rho} (EDM uses 7).")
+    hi, lo = schedule.sigma_max ** (1 / rho), schedule.sigma_min ** (1 / rho)
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+    t = schedule.t_at_sigma((hi + ramp * (lo - hi)) ** rho).double()
+    # The ends exactly (float32 interpolation puts them a hair inside), and strictly decreasing.
+    t[0] = schedule.num_timesteps - 1
+    if steps > 1:
+        t[-1] = 0.0
+    return t
+
+
+def _check_timesteps(schedule: NoiseSchedule, timesteps: Tensor, fractional: bool = False) -> list:
+    timesteps = torch.as_tensor(timesteps)
+    if timesteps.is_floating_point() and not fractional:
+        raise ConfigError("DDPM takes the schedule's integer timesteps; fractional ones are for ddim, dpmpp2m and heun.")
+    ts = timesteps.flatten().tolist()
     if not ts:
         raise ConfigError("timesteps is empty: a sampler needs at least one timestep.")
     if any(t < 0 or t >= schedule.num_timesteps for t in ts):
@@ -71,8 +92,9 @@ def _steps(ts: list[int], progress: Progress) -> Iterable[int]:
     return ts if progress is None else progress(ts)
 
 
-def _full(x: Tensor, t: int) -> Tensor:
-    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+def _full(x: Tensor, t: int | float) -> Tensor:
+    # A fractional timestep stays a float tensor: the schedule and the denoisers interpolate there.
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if isinstance(t, int) else torch.float32)
 
 
 def predict_x0(denoiser: Denoiser, schedule: NoiseSchedule, x: Tensor, t: Tensor, clip_x0: bool):
@@ -145,14 +167,14 @@ def ddim_sample(
     """
     if eta < 0:
         raise ConfigError(f"eta must be >= 0, got {eta}.")
-    ts = _check_timesteps(schedule, timesteps)
+    ts = _check_timesteps(schedule, timesteps, fractional=True)
     x = x_T.float()
     for i, t in enumerate(_steps(ts, progress)):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         tt = _full(x, t)
         x0, eps = predict_x0(denoiser, schedule, x, tt, clip_x0)
-        a_t = schedule.alpha_bar_f64[t]
-        a_prev = schedule.alpha_bar_f64[t_prev] if t_prev >= 0 else 1.0
+        a_t = schedule.alpha_bar_value(t)
+        a_prev = schedule.alpha_bar_value(t_prev) if t_prev >= 0 else 1.0
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
         if t_prev >= 0 and eta > 0:
@@ -189,8 +211,8 @@ def dpmpp2m_sample(
     last lambda step several times the previous one (3.6 after 0.77 for 10 linear-schedule steps), and the 2M
     extrapolation overshoots there; with fewer than about 40 steps such grids come out worse than DDIM.
     """
-    ts = _check_timesteps(schedule, timesteps)
-    ab = schedule.alpha_bar_f64
+    ts = _check_timesteps(schedule, timesteps, fractional=True)
+    ab = {t: schedule.alpha_bar_value(t) for t in ts}
     x = x_T.float()
     x0_prev, h_prev = None, 0.0
     for i, t in enumerate(_steps(ts, progress)):
@@ -210,7 +232,65 @@ def dpmpp2m_sample(
     return x0
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp2m": dpmpp2m_sample}
+@torch.no_grad()
+def heun_sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    timesteps: Tensor,
+    generator: Optional[torch.Generator] = None,
+    *,
+    clip_x0: bool = True,
+    progress: Progress = None,
+) -> Tensor:
+    """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1): Heun's second-order method on the
+    probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma = eps of the VE form x = x_t / sqrt(alpha_bar_t),
+    through the noise levels of ``timesteps`` (integer or fractional; ``karras_timesteps`` gives EDM's), then to
+    sigma = 0 with one Euler step, which lands on the last x0 estimate. N timesteps cost 2N - 1 network calls.
+
+    x_T is taken as N(0, I), as by every sampler here; its VE point is x_T sqrt(1 + sigma_max^2). Deterministic:
+    ``generator`` is accepted for the common signature and unused.
+    """
+    ts = _check_timesteps(schedule, timesteps, fractional=True)
+    t_all = torch.tensor(ts, dtype=torch.float64)
+    sigmas = schedule.sigma_at(t_all.to(schedule.log_sigmas.device)).double().tolist() + [0.0]
+
+    def eps_at(x: Tensor, i: int) -> Tensor:
+        # The denoiser takes the VP point; with clip_x0 its eps is made consistent with the clipped x0.
+        s = sigmas[i]
+        t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=torch.float32)
+        return predict_x0(denoiser, schedule, x / math.sqrt(1 + s * s), t, clip_x0)[1]
+
+    x = x_T.float() * math.sqrt(1 + sigmas[0] ** 2)
+    for i in _steps(range(len(ts)), progress):
+        d = eps_at(x, i)
+        x_next = x + (sigmas[i + 1] - sigmas[i]) * d
+        if sigmas[i + 1] > 0:
+            x_next = x + (sigmas[i + 1] - sigmas[i]) * 0.5 * (d + eps_at(x_next, i + 1))
+        x = x_next
+    return x
+
+
+# The names ending in "_karras" are the same solvers on Karras's spacing of the noise levels instead of DDIM's
+# trailing spacing of the timesteps (k-diffusion's "DPM++ 2M Karras"): a timestep grid, not another sampler.
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp2m": dpmpp2m_sample, "heun": heun_sample,
+    "ddim_karras": ddim_sample, "dpmpp2m_karras": dpmpp2m_sample,
+}
+KARRAS_SPACED = ("heun", "ddim_karras", "dpmpp2m_karras")
+
+
+def sampler_timesteps(schedule: NoiseSchedule, sampler: str, steps: int) -> Tensor:
+    """The timesteps ``sampler`` visits in ``steps`` steps: Karras's rho = 7 spacing for ``heun`` and the
+    ``_karras`` names, DDIM's ``trailing`` spacing for the others (all T for ``ddpm1000``)."""
+    if sampler in KARRAS_SPACED:
+        return karras_timesteps(schedule, steps)
+    return make_timesteps(schedule.num_timesteps, steps)
+
+
+def network_calls(sampler: str, steps: int) -> int:
+    """Network evaluations of ``steps`` steps of ``sampler`` (without guidance, which doubles the batch)."""
+    return 2 * steps - 1 if sampler == "heun" else steps
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:

@@ -49,6 +49,18 @@ def _extract(values: Tensor, t: Tensor, ndim: int) -> Tensor:
     return values[t].reshape(t.shape[0], *([1] * (ndim - 1)))
 
 
+# The per-timestep coefficients as functions of sigma = sqrt((1 - alpha_bar) / alpha_bar), the noise level of the
+# equivalent variance-exploding process x_t / sqrt(alpha_bar) = x_0 + sigma eps (Karras et al. 2022, eq. 4-6):
+# what a fractional timestep t between two of the schedule's gets, with sigma interpolated in log space.
+_FROM_SIGMA = {
+    "sqrt_alpha_bar": lambda s: (1 + s**2).rsqrt(),
+    "sqrt_one_minus_alpha_bar": lambda s: s * (1 + s**2).rsqrt(),
+    "sqrt_recip_alpha_bar": lambda s: (1 + s**2).sqrt(),
+    "sqrt_recipm1_alpha_bar": lambda s: s,
+    "snr": lambda s: s**-2,
+}
+
+
 class NoiseSchedule(nn.Module):
     """The fixed quantities of the forward process q(x_t | x_0) and its posterior, as fp32 buffers.
 
@@ -109,6 +121,8 @@ class NoiseSchedule(nn.Module):
             "sqrt_recip_alpha_bar": (1 / alpha_bar).sqrt(),
             "sqrt_recipm1_alpha_bar": (1 / alpha_bar - 1).sqrt(),
             "snr": alpha_bar / (1 - alpha_bar),
+            # log sigma_t: increasing in t, interpolated for fractional timesteps (EDM-style samplers and training).
+            "log_sigmas": 0.5 * (torch.log1p(-alpha_bar) - torch.log(alpha_bar)),
             "posterior_variance": posterior_variance,
             # The variance is 0 at t=0; its log takes the value at t=1 there, as in the DDPM reference code.
             "posterior_log_variance_clipped": torch.log(
@@ -134,8 +148,8 @@ class NoiseSchedule(nn.Module):
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Draw x_t ~ q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) with the given noise."""
         return (
-            _extract(self.sqrt_alpha_bar, t, x0.ndim) * x0
-            + _extract(self.sqrt_one_minus_alpha_bar, t, x0.ndim) * noise
+            self._coef("sqrt_alpha_bar", t, x0.ndim) * x0
+            + self._coef("sqrt_one_minus_alpha_bar", t, x0.ndim) * noise
         )
 
     # --- conversions between parameterisations ---------------------------------------------------
@@ -143,23 +157,23 @@ class NoiseSchedule(nn.Module):
     # v = a eps - s x_0 (Salimans & Ho 2022), each of eps, x_0, v follows from x_t and any one of them.
     def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         return (
-            _extract(self.sqrt_recip_alpha_bar, t, x_t.ndim) * x_t
-            - _extract(self.sqrt_recipm1_alpha_bar, t, x_t.ndim) * eps
+            self._coef("sqrt_recip_alpha_bar", t, x_t.ndim) * x_t
+            - self._coef("sqrt_recipm1_alpha_bar", t, x_t.ndim) * eps
         )
 
     def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-        return (_extract(self.sqrt_recip_alpha_bar, t, x_t.ndim) * x_t - x0) / _extract(
-            self.sqrt_recipm1_alpha_bar, t, x_t.ndim
+        return (self._coef("sqrt_recip_alpha_bar", t, x_t.ndim) * x_t - x0) / self._coef(
+            "sqrt_recipm1_alpha_bar", t, x_t.ndim
         )
 
     def v_target(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        return _extract(self.sqrt_alpha_bar, t, x0.ndim) * eps - _extract(self.sqrt_one_minus_alpha_bar, t, x0.ndim) * x0
+        return self._coef("sqrt_alpha_bar", t, x0.ndim) * eps - self._coef("sqrt_one_minus_alpha_bar", t, x0.ndim) * x0
 
     def predict_x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-        return _extract(self.sqrt_alpha_bar, t, x_t.ndim) * x_t - _extract(self.sqrt_one_minus_alpha_bar, t, x_t.ndim) * v
+        return self._coef("sqrt_alpha_bar", t, x_t.ndim) * x_t - self._coef("sqrt_one_minus_alpha_bar", t, x_t.ndim) * v
 
     def predict_eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-        return _extract(self.sqrt_one_minus_alpha_bar, t, x_t.ndim) * x_t + _extract(self.sqrt_alpha_bar, t, x_t.ndim) * v
+        return self._coef("sqrt_one_minus_alpha_bar", t, x_t.ndim) * x_t + self._coef("sqrt_alpha_bar", t, x_t.ndim) * v
 
     def target(self, prediction: str, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """What a network trained for ``prediction`` (``eps``, ``x0`` or ``v``) should output."""
@@ -185,7 +199,51 @@ class NoiseSchedule(nn.Module):
 
     def snr_at(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t), per timestep in ``t``."""
-        return self.snr[t]
+        return self.snr[t] if not t.is_floating_point() else _FROM_SIGMA["snr"](self.sigma_at(t))
+
+    # --- noise levels sigma (Karras et al. 2022) -----------------------------------------------------------
+    # Integer timesteps read the tables above, exactly as before; a floating-point t is a fractional timestep,
+    # whose sigma is interpolated linearly in log sigma between the two neighbouring ones (as k-diffusion's
+    # DiscreteSchedule does), and every coefficient follows from that sigma.
+    @property
+    def sigma_min(self) -> float:
+        return float(self.log_sigmas[0].exp())
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.log_sigmas[-1].exp())
+
+    def sigma_at(self, t: Tensor) -> Tensor:
+        """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for integer or fractional timesteps in [0, T-1]."""
+        if not t.is_floating_point():
+            return self.log_sigmas[t].exp()
+        t = t.float().clamp(0, self.num_timesteps - 1)
+        low = t.floor().long().clamp(max=self.num_timesteps - 2)
+        w = t - low
+        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[low + 1]).exp()
+
+    def t_at_sigma(self, sigma: Tensor) -> Tensor:
+        """The fractional timestep whose sigma is ``sigma`` (the inverse of :meth:`sigma_at`), clamped to [0, T-1]."""
+        log_sigma = sigma.float().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        high = torch.searchsorted(self.log_sigmas, log_sigma.contiguous()).clamp(1, self.num_timesteps - 1)
+        low = high - 1
+        w = (log_sigma - self.log_sigmas[low]) / (self.log_sigmas[high] - self.log_sigmas[low])
+        return low.float() + w.clamp(0, 1)
+
+    def alpha_bar_value(self, t: float) -> float:
+        """alpha_bar at one integer or fractional timestep, in float64 (the samplers' per-step scalars)."""
+        if float(t).is_integer():
+            return self.alpha_bar_f64[int(t)]
+        low = min(int(math.floor(t)), self.num_timesteps - 2)
+        w = t - low
+        log_sigma = lambda ab: 0.5 * (math.log1p(-ab) - math.log(ab))
+        ls = (1 - w) * log_sigma(self.alpha_bar_f64[low]) + w * log_sigma(self.alpha_bar_f64[low + 1])
+        return 1.0 / (1.0 + math.exp(2 * ls))
+
+    def _coef(self, name: str, t: Tensor, ndim: int) -> Tensor:
+        if not t.is_floating_point():
+            return _extract(getattr(self, name), t, ndim)
+        return _FROM_SIGMA[name](self.sigma_at(t)).reshape(t.shape[0], *([1] * (ndim - 1)))
 
     # --- reverse process -------------------------------------------------------------------------
     def alpha_bar_at(self, t: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from diffusion.callbacks.common import (
 from diffusion.callbacks.fid import FIDEvaluation
 from diffusion.ema import EMA
 from diffusion.errors import CheckpointError, ConfigError
-from diffusion.objective import SCHEDULE_ARGS, ProgressiveDistillation
+from diffusion.objective import EDM_ARGS, SCHEDULE_ARGS, EDMObjective, Objective, ProgressiveDistillation
 from diffusion.progress import progress_bars
 from diffusion.runs import read_checkpoint, state_dict_mismatch
 
@@ -94,9 +94,9 @@ class DistillationRounds(Callback):
 
     # --- teachers ------------------------------------------------------------------------------------------
     @staticmethod
-    def make_teacher(pl_module: LightningModule, objective: ProgressiveDistillation, prediction: str) -> LightningModule:
-        """A frozen model of the student's class and network for a teacher predicting ``prediction``."""
-        teacher = type(pl_module)(net=copy.deepcopy(pl_module.net), objective=objective.plain_objective(prediction),
+    def make_teacher(pl_module: LightningModule, teacher_objective: Objective) -> LightningModule:
+        """A frozen model of the student's class and network, sampled through ``teacher_objective``."""
+        teacher = type(pl_module)(net=copy.deepcopy(pl_module.net), objective=teacher_objective,
                                   sampling=pl_module.sampling, speed=pl_module.speed)
         return teacher.to(pl_module.device).eval().requires_grad_(False)
 
@@ -114,8 +114,15 @@ class DistillationRounds(Callback):
                     f"The teacher {path} was trained with {key}={theirs!r}, this distillation's objective has "
                     f"{ours!r}: set --model.init_args.objective.init_args.{key} {theirs}."
                 )
-        default = "v" if str(recorded.get("class_path", "")).endswith("ProgressiveDistillation") else "eps"
-        teacher = self.make_teacher(pl_module, objective, init.get("prediction") or default)
+        class_path = str(recorded.get("class_path", ""))
+        if class_path.endswith("EDMObjective"):
+            # Read through its own preconditioning. The v-predicting student starts from its weights, which with
+            # MNIST's sigma_data ~1 are nearly a v-predictor's (EDM with sigma_data = 1 is v-prediction).
+            teacher_objective = EDMObjective(**{k: v for k, v in init.items() if k in EDM_ARGS})
+        else:
+            default = "v" if class_path.endswith("ProgressiveDistillation") else "eps"
+            teacher_objective = objective.plain_objective(init.get("prediction") or default)
+        teacher = self.make_teacher(pl_module, teacher_objective)
         details = state_dict_mismatch(teacher.state_dict(), checkpoint["state_dict"])
         if details:
             raise CheckpointError(
@@ -143,7 +150,7 @@ class DistillationRounds(Callback):
         if restored:
             teacher = self._first
             if restored["round"] > 0:
-                teacher = self.make_teacher(pl_module, objective, restored["teacher_prediction"])
+                teacher = self.make_teacher(pl_module, objective.plain_objective(restored["teacher_prediction"]))
                 teacher.net.load_state_dict(restored["teacher_net"])
             self.reference_fid, self.results = restored.get("reference_fid"), list(restored.get("results", []))
             self.begin(pl_module, objective, teacher, restored["round"])
@@ -184,7 +191,7 @@ class DistillationRounds(Callback):
         state = sampling_module(trainer, pl_module).net.state_dict()
         teacher = self._teacher
         if teacher is self._first or teacher.objective.prediction != objective.prediction:
-            teacher = self.make_teacher(pl_module, objective, objective.prediction)
+            teacher = self.make_teacher(pl_module, objective.plain_objective(objective.prediction))
         teacher.net.load_state_dict(state)
         pl_module.net.load_state_dict(state)
         self.begin(pl_module, objective, teacher, round)
