@@ -132,7 +132,8 @@ class PostHocEMA(Callback):
         if snapshot_every_n_steps < 1:
             raise ConfigError(f"PostHocEMA snapshot_every_n_steps must be >= 1, got {snapshot_every_n_steps}.")
         if max_snapshots < 2 or max_snapshots % 2:
-            raise ConfigError(f"PostHocEMA max_snapshots must be an even number >= 2, got {max_snapshots} (16 is a good start).")
+            raise ConfigError(
+                f"PostHocEMA max_snapshots must be an even number >= 2, got {max_snapshots} (16 is a good start).")
         self.snapshot_every_n_steps = snapshot_every_n_steps
         self.max_snapshots = max_snapshots
         self.interval = snapshot_every_n_steps  # the current one, after the doublings
@@ -143,7 +144,9 @@ class PostHocEMA(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(sigma_rels=self.sigma_rels)
+        # One key whatever the settings, so that resuming with other sigma_rels finds the saved state and says so
+        # (Lightning would silently start new profiles under a key that names them).
+        return "PostHocEMA"
 
     @staticmethod
     def _tracked(pl_module: LightningModule) -> dict[str, Tensor]:
@@ -164,7 +167,7 @@ class PostHocEMA(Callback):
         if self.averages is None or trainer.global_step <= self.step:
             return
         self.step = trainer.global_step
-        values = list(self._tracked(pl_module).values())
+        values = [v.float() for v in self._tracked(pl_module).values()]  # a no-op but under bf16-true weights
         for average, gamma in zip(self.averages, self.gammas):
             ema_update(list(average.values()), values, self.step, gamma)
         if self.step % self.interval == 0:

@@ -17,8 +17,8 @@ from diffusion import EMA, DiffusionModel, UNet
 from diffusion.errors import CheckpointError, ConfigError
 from diffusion.optim import Optimization
 from diffusion.phema import (
-    MAX_RESIDUAL, PostHocEMA, ema_update, gamma_to_sigma_rel, rebuild, rebuildable_range, saved_profiles, sigma_rel_to_gamma,
-    solve_coefficients,
+    MAX_RESIDUAL, PostHocEMA, ema_update, gamma_to_sigma_rel, rebuild, rebuildable_range, saved_profiles,
+    sigma_rel_to_gamma, solve_coefficients,
 )
 
 
@@ -166,6 +166,15 @@ def test_a_checkpoint_without_profiles_or_a_step_outside_them_says_so():
     assert "steps 20 to 20" in one_line(e)
 
 
+def test_resuming_with_other_lengths_is_refused():
+    checkpoint, _ = phema_checkpoint(steps=10)
+    other = PostHocEMA(sigma_rels=(0.05, 0.2))
+    other.on_fit_start(None, torch.nn.Linear(3, 2))
+    with pytest.raises(CheckpointError) as e:
+        other.load_state_dict(checkpoint["callbacks"]["PostHocEMA"])
+    assert "resume with the checkpoint's sigma_rels" in one_line(e)
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"sigma_rels": []}, "at least one sigma_rel"),
     ({"snapshot_every_n_steps": 0}, "snapshot_every_n_steps must be >= 1"),
@@ -226,14 +235,14 @@ def test_a_resumed_run_continues_bit_for_bit(tmp_path):
 
 
 # --- the command line -------------------------------------------------------------------------------------
-def test_sample_takes_an_ema_length_and_refuses_one_it_cannot_rebuild(tmp_path, mnist_dir, cli_ok, cli_main):
+def test_sample_and_test_take_an_ema_length_and_refuse_one_they_cannot_rebuild(tmp_path, mnist_dir, cli_ok, cli_main):
     from conftest import CONFIGS
 
-    tiny = ["--config", CONFIGS / "tiny.yaml", "--model.init_args.objective.init_args.num_timesteps", 20, "--fid.samplers",
-            "[ddim2]", "--fid.test_samplers", "[ddim2]", "--sample_grids.samplers", "[ddim2]"]
+    tiny = ["--config", CONFIGS / "tiny.yaml", "--model.init_args.objective.init_args.num_timesteps", 20,
+            "--fid.samplers", "[ddim2]", "--fid.test_samplers", "[ddim2]", "--sample_grids.samplers", "[ddim2]"]
     cli_ok("fit", *tiny, "--data.data_dir", mnist_dir, "--trainer.max_steps", 6, "--trainer.logger", "false",
-           "--trainer.limit_val_batches", 0, "--trainer.default_root_dir", tmp_path / "run", "--diagnostics.grad_every_n_steps", 0,
-           "--data.batch_size", 4,
+           "--trainer.limit_val_batches", 0, "--trainer.default_root_dir", tmp_path / "run",
+           "--diagnostics.grad_every_n_steps", 0, "--data.batch_size", 4,
            "--trainer.callbacks+=diffusion.phema.PostHocEMA", "--trainer.callbacks.snapshot_every_n_steps", 2)
     ckpt = max((tmp_path / "run").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     assert saved_profiles(torch.load(ckpt, weights_only=False))["step"] == 6
