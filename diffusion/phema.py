@@ -183,10 +183,11 @@ class PostHocEMA(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.averages is None:
             return {}
+        # The averages as CPU copies: a checkpoint written on a GPU opens anywhere, with this step's values.
         return {
             "sigma_rels": list(self.sigma_rels), "gammas": list(self.gammas), "step": self.step,
             "interval": self.interval, "snapshot_every_n_steps": self.snapshot_every_n_steps,
-            "max_snapshots": self.max_snapshots, "averages": [dict(a) for a in self.averages],
+            "max_snapshots": self.max_snapshots, "averages": [self._cpu(a) for a in self.averages],
             "snapshots": [{"step": s["step"], "state": s["state"]} for s in self.snapshots],
         }
 
