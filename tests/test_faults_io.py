@@ -3,6 +3,7 @@ pressed two or three times, a time budget shorter than the warm-up, empty option
 
 import errno
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import yaml
 
 from conftest import CONFIGS, run_cli
 from diffusion.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
-from test_run_end import SMALL
+from test_run_end import SMALL, SlowMachine, fit  # noqa: F401 (fit: the fixture)
 
 QUIET = ["--trainer.logger", "false", "--trainer.enable_model_summary", "false"]
 
@@ -200,3 +201,31 @@ def test_an_empty_or_null_path_option_names_itself_and_what_to_pass(cli_main, tm
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert line.startswith(f"error: {flag}"), line
     assert "Traceback" not in err
+
+
+def test_a_time_budget_shorter_than_the_warm_up_still_ends_with_the_decay_complete(fit):
+    # The run: the budget planned fewer steps than the configured warm-up, which it never left (88% of the
+    # peak learning rate at the end). The warm-up now takes at most a quarter of the plan.
+    from diffusion.callbacks.budget import TrainingBudget
+    from diffusion.optim import LRSchedule, lr_schedule
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli = fit("--trainer.max_time", "00:00:00:05", "--trainer.max_steps", "-1", "--trainer.logger", "false",
+                  "--model.init_args.optim.warmup_steps", "1000", "--model.init_args.optim.lr_decay", "cosine",
+                  "--budget.skip_steps", "2", "--budget.measure_steps", "10", "--budget.replan_every", "5",
+                  callbacks=[SlowMachine(seconds=0.05)])
+    finally:
+        torch.set_num_threads(threads)
+    budget = next(c for c in cli.trainer.callbacks if isinstance(c, TrainingBudget))
+    schedule, steps = lr_schedule(cli.trainer), cli.trainer.global_step
+    assert steps == budget.planned == schedule.total < 1000, (steps, budget.planned, schedule.total)
+    assert schedule.warmup(steps) == int(LRSchedule.WARMUP_SHARE * steps)
+    assert schedule(steps) == 0.0 and cli.trainer.optimizers[0].param_groups[0]["lr"] == 0.0  # the decay ended
+    path = Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    state = torch.load(path, weights_only=False)
+    assert state["global_step"] == steps and state["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0
+    # A resume rebuilds the same warm-up and decay from the plan in the checkpoint.
+    again = LRSchedule(1000, "cosine", total=state["callbacks"][next(k for k in state["callbacks"] if "Budget" in k)]["planned"])
+    assert [again(s) for s in range(steps + 1)] == [schedule(s) for s in range(steps + 1)]
