@@ -107,8 +107,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             except BaseException:  # KeyboardInterrupt too: a third Ctrl-C mid-write leaves no partial file
                 temp.unlink(missing_ok=True)
                 raise
-        except OSError as e:
-            raise (storage_error(e, path) or e) from e
+        except Exception as e:  # torch.save's zip writer raises a RuntimeError from the OSError (a size limit)
+            error = storage_error(e, path)
+            if error is None:
+                raise
+            raise error from e
         self._sync_folder(path.parent)
         step = checkpoint.get("global_step")
         self.written.pop(path, None)

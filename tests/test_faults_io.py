@@ -65,6 +65,24 @@ def test_a_failed_overwrite_leaves_the_old_checkpoint_whole_and_no_partial_file(
     assert torch.load(last, weights_only=False)["global_step"] == 10
 
 
+def test_a_real_file_size_limit_mid_write_says_so_and_leaves_the_old_checkpoint(tmp_path):
+    # `ulimit -f`: the kernel refuses the write past the limit, and torch's zip writer raises a RuntimeError from it.
+    resource = pytest.importorskip("resource")
+    io = AtomicCheckpointIO()
+    AtomicCheckpointIO.written.clear()
+    last = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 3, "w": torch.ones(10)}, last)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, limits[1]))
+    try:
+        with pytest.raises(CheckpointWriteError, match=r"file-size limit.*\(EFBIG\).*last good checkpoint is .*\(step 3\)"):
+            io.save_checkpoint({"global_step": 4, "w": torch.ones(100_000)}, last)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+
+
 def test_checkpoints_are_written_beside_their_target_and_renamed(tmp_path, monkeypatch):
     # Not through the system's temporary folder, which may be another file system (a copy, not a rename).
     import os
