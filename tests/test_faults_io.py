@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from conftest import CONFIGS, run_cli
+from fault_helpers import assert_same_training_state
 from diffusion.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from test_run_end import SMALL, SlowMachine, fit  # noqa: F401 (fit: the fixture)
 
@@ -190,6 +191,11 @@ def test_a_run_stopped_by_a_second_ctrl_c_resumes(ctrl_c_in_process, cli_main, m
     (last,) = resumed.rglob("checkpoints/last.ckpt")
     state = torch.load(last, weights_only=False)
     assert state["global_step"] == 9 and state["averaging_state"]["n_averaged"] == 9
+    straight = tmp_path / "straight"
+    code, out, err = cli_main("fit", "--config", config, "--data.data_dir", mnist_dir, "--trainer.default_root_dir",
+                              straight, "--trainer.max_steps", 9, *SMALL, *QUIET)
+    (last,) = straight.rglob("checkpoints/last.ckpt")
+    assert_same_training_state(state, torch.load(last, weights_only=False), step=9)  # as if never interrupted
 
 
 def test_a_third_ctrl_c_stops_without_saving_and_leaves_no_partial_file(ctrl_c_in_process, caplog):
