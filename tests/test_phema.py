@@ -267,3 +267,62 @@ def test_sample_and_test_take_an_ema_length_and_refuse_one_they_cannot_rebuild(t
     code, _, err = cli_main(*common[:-6], "--ckpt_path", tmp_path / "plain.ckpt", "--num_samples", 2, "--out",
                             tmp_path / "x.png", "--ema_length", 0.07)
     assert code == 2 and "trained without the PostHocEMA callback" in err
+
+
+# --- the end-of-run evaluation ----------------------------------------------------------------------------
+def test_fid_callback_scores_each_ema_length_and_puts_the_weights_back(tmp_path, mnist_dir, monkeypatch):
+    import importlib.util
+
+    from conftest import CONFIGS, ROOT
+    from diffusion.callbacks import FIDEvaluation
+    from fid_helpers import TinyFeatures
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    cli = quality.diffusion_cli(["--config", str(CONFIGS / "mnist_cpu.yaml"), *quality.QUICK_OVERRIDES,
+                                 "--trainer.logger", "false", "--data.init_args.data_dir", str(mnist_dir)], run=False)
+    fid = FIDEvaluation(samplers=["ddim5"], num_samples=8, num_real=32, test_num_samples=0, batch_size=8,
+                        feature_extractor=TinyFeatures(), cache_dir=str(tmp_path / "cache"), cpu_limits=False,
+                        ema_lengths=[0.05, 0.09, 0.25])
+    seen, around = [], []
+    evaluate, evaluate_ema = fid.evaluate, fid.evaluate_ema_lengths
+
+    def recording_evaluate(trainer, pl_module, specs, num_samples):
+        seen.append(torch.cat([p.detach().flatten() for p in pl_module.net.parameters()]).clone())
+        return evaluate(trainer, pl_module, specs, num_samples)
+
+    def recording_ema(trainer, pl_module):
+        before = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        out = evaluate_ema(trainer, pl_module)
+        around.append(all(torch.equal(before[k], v) for k, v in pl_module.state_dict().items()))
+        return out
+
+    monkeypatch.setattr(fid, "evaluate", recording_evaluate)
+    monkeypatch.setattr(fid, "evaluate_ema_lengths", recording_ema)
+    trainer = Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, limit_val_batches=1,
+                      default_root_dir=tmp_path, callbacks=[PostHocEMA(snapshot_every_n_steps=2), fid])
+    with pytest.warns(UserWarning, match="skips EMA length 0.25: .*choose one from"):  # too long for 6 steps
+        trainer.fit(cli.model, datamodule=cli.datamodule)
+    metrics = trainer.callback_metrics
+    assert {"fid/ddim5", "fid/ddim5_ema0.05", "fid/ddim5_ema0.09"} <= set(metrics)
+    assert set(fid.last_results) == {"ddim5", "ddim5_ema0.05", "ddim5_ema0.09"}
+    assert fid.last_results["ddim5_ema0.09"]["ema_length"] == 0.09
+    # The fixed EMA, then each rebuilt length: three different sets of weights, and the module's own put back.
+    assert len(seen) == 3 and not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    assert around == [True]
+
+
+def test_fid_ema_lengths_need_the_profiles():
+    from diffusion.callbacks import FIDEvaluation
+    from fid_helpers import TinyFeatures
+
+    with pytest.raises(ConfigError, match="sigma_rel"):
+        FIDEvaluation(feature_extractor=TinyFeatures(), ema_lengths=[0.5])
+    fid = FIDEvaluation(feature_extractor=TinyFeatures(), ema_lengths=[0.1])
+    trainer = SimpleNamespace(callbacks=[fid], datamodule=SimpleNamespace(reference_set=None))
+    module = SimpleNamespace(schedule=SimpleNamespace(num_timesteps=1000), num_classes=0)
+    with pytest.raises(ConfigError, match="needs the PostHocEMA callback") as info:
+        fid.setup(trainer, module, "fit")
+    assert "\n" not in str(info.value)

@@ -20,6 +20,7 @@ from diffusion.callbacks.common import (
     DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, log_line_chart, log_step, run_dir, sampling_module,
 )
 from diffusion.errors import ConfigError
+from diffusion.phema import PostHocEMA, rebuild, sigma_rel_to_gamma
 from diffusion.progress import progress_bars
 
 
@@ -53,6 +54,9 @@ class FIDEvaluation(ValidateAtLastStep):
         cpu_limits: on a CPU, evaluate at most 16 samples per sampler (64 in ``test``) against at most 1,000
             real images, and say so: the GPU recipes' numbers would take hours there (DDPM-1000 alone is 1,000
             network passes per image, Inception about 7 images/s on 2 cores). ``false`` uses the numbers as set.
+        ema_lengths: post-hoc EMA lengths (sigma_rel) also scored at each validation evaluation, every sampler of
+            ``samplers`` each, logged as ``fid/<sampler>_ema<length>``: the weights rebuilt from the
+            ``PostHocEMA`` callback's profiles (which the run must have). Empty: only the EMA callback's weights.
     """
 
     def __init__(
@@ -73,9 +77,12 @@ class FIDEvaluation(ValidateAtLastStep):
         validate_at_last_step: bool = True,
         save_samples: bool = False,
         cpu_limits: bool = True,
+        ema_lengths: Sequence[float] = (),
     ) -> None:
         super().__init__()
-        self.save_samples, self.cpu_limits = save_samples, cpu_limits
+        for length in ema_lengths:
+            sigma_rel_to_gamma(length)  # a length no profile can have fails now, in one line
+        self.save_samples, self.cpu_limits, self.ema_lengths = save_samples, cpu_limits, [float(x) for x in ema_lengths]
         self.specs = ev.parse_samplers(samplers)
         self.test_specs = ev.parse_samplers(test_samplers) if test_samplers else self.specs
         for name, value in (("num_samples", num_samples), ("test_num_samples", test_num_samples or 2), ("num_real", num_real)):
@@ -100,6 +107,11 @@ class FIDEvaluation(ValidateAtLastStep):
         ev.parse_samplers([s.text for s in self.specs], T)
         ev.parse_samplers([s.text for s in self.test_specs], T)
         check_guidance([*self.specs, *self.test_specs], pl_module, "FIDEvaluation")
+        if self.ema_lengths and stage == "fit" and not any(isinstance(c, PostHocEMA) for c in trainer.callbacks):
+            raise ConfigError(
+                "FIDEvaluation.ema_lengths needs the PostHocEMA callback, whose profiles it rebuilds: add "
+                "diffusion.phema.PostHocEMA to trainer.callbacks, or set fid.ema_lengths to []."
+            )
         if not hasattr(trainer.datamodule, "reference_set"):
             raise ConfigError(
                 "FIDEvaluation needs a data module with reference_set(split), such as DiffusionDataModule; "
@@ -182,6 +194,36 @@ class FIDEvaluation(ValidateAtLastStep):
                 ys.append(r["fid"])
         if any(len(xs) > 1 for xs, _ in sweeps.values()):
             log_line_chart(trainer, "fid/vs_guidance", "FID against the guidance scale w", "w", sweeps)
+        if self.ema_lengths:
+            self.evaluate_ema_lengths(trainer, pl_module)
+
+    def evaluate_ema_lengths(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, dict]:
+        """Each sampler at each of ``ema_lengths``, the weights rebuilt from the live PostHocEMA profiles and
+        swapped into the sampling module for the evaluation (its own weights are put back after)."""
+        phema = next((c for c in trainer.callbacks if isinstance(c, PostHocEMA)), None)
+        if phema is None or phema.averages is None or not phema.step:
+            return {}
+        module = sampling_module(trainer, pl_module)
+        own = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        checkpoint = {"state_dict": {k: v.cpu() for k, v in own.items()}, "callbacks": {phema.state_key: phema.state_dict()}}
+        results, fixed_ema = {}, self.last_results
+        try:
+            for length in self.ema_lengths:
+                try:
+                    state = rebuild(checkpoint, length)
+                except ConfigError as error:  # e.g. a run shorter than planned: the rest of the evaluation stands
+                    rank_zero_warn(f"FIDEvaluation skips EMA length {length:g}: {error}", category=UserWarning)
+                    continue
+                rank_zero_info(f"Post-hoc EMA length {length:g}:")
+                module.load_state_dict(state)
+                for key, r in self.evaluate(trainer, pl_module, self.specs, self.limited("num_samples", pl_module.device)).items():
+                    results[f"{key}_ema{length:g}"] = {**r, "ema_length": length}
+        finally:
+            module.load_state_dict(own)
+            self.last_results = {**fixed_ema, **results}
+        for key, r in results.items():
+            pl_module.log(f"fid/{key}", r["fid"], sync_dist=True)
+        return results
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.test_num_samples:
