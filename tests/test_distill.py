@@ -307,6 +307,27 @@ def test_the_teacher_is_checked_against_the_student_from_python(teacher):
         rounds.load_first_teacher(longer, longer.objective)
 
 
+def test_an_edm_teacher_is_read_through_its_own_preconditioning(teacher, tmp_path):
+    from diffusion.callbacks import DistillationRounds
+    from diffusion.module import DiffusionModel
+    from diffusion.objective import EDMObjective
+    from diffusion.unet import UNet
+
+    checkpoint = torch.load(teacher, map_location="cpu", weights_only=False)
+    checkpoint["hyper_parameters"]["objective"] = {"class_path": "diffusion.EDMObjective", "init_args": {
+        "num_timesteps": 100, "sigma_data": 0.9, "p_mean": -1.0}}
+    path = tmp_path / "edm_teacher.ckpt"
+    torch.save(checkpoint, path)
+    net = dict(base_channels=16, channel_mults=[1, 2, 2], num_res_blocks=1, attention_resolutions=[7], num_heads=2,
+               in_channels=1, image_size=28)
+    student = DiffusionModel(net=UNet(**net), objective=ProgressiveDistillation(teacher=str(path), num_timesteps=100))
+    loaded = DistillationRounds().load_first_teacher(student, student.objective)
+    assert isinstance(loaded.objective, EDMObjective) and loaded.objective.sigma_data == 0.9
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([10, 90])
+    expected = EDMObjective(num_timesteps=100, sigma_data=0.9).denoiser(loaded.net)(x, t)
+    assert torch.allclose(loaded.objective.denoiser(loaded.net)(x, t), expected)
+
+
 def test_a_distillation_on_two_processes_keeps_the_ranks_in_step(distill_config, teacher, mnist_dir, tmp_path):
     # DDP on CPU (gloo): every rank holds the same teacher, scores its share of the FID samples, and calls the
     # round's checkpoint; the students of both ranks agree.
