@@ -171,16 +171,19 @@ def test_quality_bad_option_exits_with_a_readable_error(args, words, tmp_path):
 
 
 # --- post-hoc EMA: quality.py --ema_length and benchmarks/ema_sweep.py ----------------------------------------
-POST_HOC = ["--trainer.callbacks+=diffusion.phema.PostHocEMA", "--trainer.callbacks.snapshot_every_n_steps", "1",
-            "--trainer.callbacks.max_snapshots", "2"]
-
-
 @pytest.fixture(scope="module")
 def post_hoc_run(tmp_path_factory, mnist_dir):
+    import yaml
+
     out = tmp_path_factory.mktemp("post_hoc")
-    proc = quality("--config", CONFIGS / "mnist_cpu.yaml", "--quick", "--json", "--out", out, "--fid_cache", out / "cache",
+    # The recipe keeps PostHocEMA profiles; here a snapshot every step, at most 2, so that 3 steps have several.
+    config = yaml.safe_load((CONFIGS / "mnist_cpu.yaml").read_text())
+    (phema,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("PostHocEMA")]
+    phema["init_args"].update(snapshot_every_n_steps=1, max_snapshots=2)
+    (out / "mnist_cpu.yaml").write_text(yaml.safe_dump(config))
+    proc = quality("--config", out / "mnist_cpu.yaml", "--quick", "--json", "--out", out, "--fid_cache", out / "cache",
                    "--samplers", "ddim5", "--ema_length", "0.05,0.1", "--", "--data.init_args.data_dir", mnist_dir,
-                   "--fid.feature_extractor", "fid_helpers.TinyFeatures", *POST_HOC)
+                   "--fid.feature_extractor", "fid_helpers.TinyFeatures")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return [json.loads(line) for line in proc.stdout.strip().splitlines()], out
 

@@ -259,6 +259,7 @@ def test_fid_callback_and_quality_benchmark_give_the_same_fid(tmp_path, mnist_di
 
     records = []
     args = SimpleNamespace(fid_weights=None, fid_cache=None, sample_batch_size=None, sampler_list=["ddim5", "ddpm20"],
+                           ema_lengths=[],
                            num_real=32, num_samples=8, seed=3, grid=0)
     results, floor = quality.score(SimpleNamespace(trainer=trainer, model=model, datamodule=dm), args, records.append, tmp_path)
     reference = records[0]
