@@ -111,6 +111,13 @@ class Objective(nn.Module):
             return self.drop_labels(labels, null_label)
         return labels
 
+    def draw(self, x0: Tensor, labels: Optional[Tensor], t: Optional[Tensor], noise: Optional[Tensor],
+             null_label: Optional[int]) -> tuple[Optional[Tensor], Tensor, Tensor]:
+        """A loss's training labels (some dropped), and its timesteps and noise where not given."""
+        labels = self.training_labels(labels, null_label)
+        t = self.sample_timesteps(x0.shape[0], x0.device) if t is None else t
+        return labels, t, torch.randn_like(x0) if noise is None else noise
+
     def loss_weights(self, t: Tensor) -> Tensor:
         """Per-image loss weight at timesteps ``t``: the min-SNR factor (with its uniform share) times the bucket
         weight."""
@@ -142,11 +149,7 @@ class Objective(nn.Module):
         """Per-image weighted MSE between the network's output and its target (L_simple for ``eps``), and the
         timesteps it was taken at. ``t`` and ``noise`` are drawn when not given. With ``null_label`` (training
         a class-conditional net) a share ``label_dropout`` of the labels is dropped first."""
-        labels = self.training_labels(labels, null_label)
-        if t is None:
-            t = self.sample_timesteps(x0.shape[0], x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
+        labels, t, noise = self.draw(x0, labels, t, noise, null_label)
         x_t = self.schedule.q_sample(x0, t, noise)
         pred = net(x_t, t, labels)
         target = self.schedule.target(self.prediction, x0.float(), t, noise.float())
@@ -285,11 +288,7 @@ class EDMObjective(Objective):
         """Per-image EDM loss lambda(sigma) ||D - x_0||^2 (as the MSE of F against its effective target) and the
         timesteps it was taken at, rounded to the schedule's (for the per-timestep diagnostics). ``t`` (integer
         or fractional) and ``noise`` are drawn when not given."""
-        labels = self.training_labels(labels, null_label)
-        if t is None:
-            t = self.sample_timesteps(x0.shape[0], x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
+        labels, t, noise = self.draw(x0, labels, t, noise, null_label)
         sigma = self._sigma(t, x0.ndim)
         c_skip, c_out, c_in = self.preconditioning(sigma)
         x = x0.float() + sigma * noise.float()
