@@ -271,18 +271,49 @@ def heun_sample(
     return x
 
 
+@torch.no_grad()
+def consistency_sample(
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    timesteps: Tensor,
+    generator: Optional[torch.Generator] = None,
+    *,
+    clip_x0: bool = True,
+    progress: Progress = None,
+) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1): the model's x0 at the first timestep, then at
+    each later one fresh noise takes that x0 back to x_t ~ q(x_t | x0) and the model denoises it again; one network
+    call per timestep, and the last x0 is the sample. Meant for a consistency model (``ConsistencyTuning``), whose
+    x0 from any noise level is already an end point of the ODE; on a diffusion model it is a crude ancestral sampler.
+    """
+    ts = _check_timesteps(schedule, timesteps, fractional=True)
+    x = x_T.float()
+    x0 = x
+    for i, t in enumerate(_steps(ts, progress)):
+        if i:
+            a = schedule.alpha_bar_value(t)
+            x = math.sqrt(a) * x0 + math.sqrt(1 - a) * _randn(x0, generator)
+        x0 = predict_x0(denoiser, schedule, x, _full(x, t), clip_x0)[0]
+    return x0
+
+
 # The names ending in "_karras" are the same solvers on Karras's spacing of the noise levels instead of DDIM's
 # trailing spacing of the timesteps (k-diffusion's "DPM++ 2M Karras"): a timestep grid, not another sampler.
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp2m": dpmpp2m_sample, "heun": heun_sample,
     "ddim_karras": ddim_sample, "dpmpp2m_karras": dpmpp2m_sample,
+    "consistency": consistency_sample, "consistency_karras": consistency_sample,
 }
-KARRAS_SPACED = ("heun", "ddim_karras", "dpmpp2m_karras")
+KARRAS_SPACED = ("heun", "ddim_karras", "dpmpp2m_karras", "consistency_karras")
 
 
 def sampler_timesteps(schedule: NoiseSchedule, sampler: str, steps: int) -> Tensor:
     """The timesteps ``sampler`` visits in ``steps`` steps: Karras's rho = 7 spacing for ``heun`` and the
     ``_karras`` names, DDIM's ``trailing`` spacing for the others (all T for ``ddpm1000``)."""
+    if sampler == "consistency_karras":
+        # Its last level is where the last x0 is taken, so the grid's sigma_min (a no-op step) is left off.
+        return karras_timesteps(schedule, steps + 1)[:-1]
     if sampler in KARRAS_SPACED:
         return karras_timesteps(schedule, steps)
     return make_timesteps(schedule.num_timesteps, steps)
