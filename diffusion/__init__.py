@@ -1,5 +1,6 @@
 """Pixel-space diffusion models (DDPM, DDIM) with PyTorch Lightning."""
 
+from diffusion.consistency import ConsistencyTuning
 from diffusion.data import DiffusionDataModule
 from diffusion.ema import EMA
 from diffusion.module import DiffusionModel
@@ -13,6 +14,7 @@ from diffusion.unet import UNet
 __all__ = [
     "EMA",
     "SAMPLERS",
+    "ConsistencyTuning",
     "DiffusionDataModule",
     "DiffusionModel",
     "EDMObjective",

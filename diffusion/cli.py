@@ -26,6 +26,7 @@ from torchvision.utils import save_image
 
 from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, TimestepDiagnostics
 from diffusion.callbacks.budget import TrainingBudget
+from diffusion.callbacks.consistency import ConsistencyTuningRun
 from diffusion.callbacks.distill import DistillationRounds
 from diffusion.callbacks.final_checkpoint import FinalCheckpoint
 from diffusion.checkpoint_io import storage_error
@@ -274,6 +275,7 @@ class DiffusionCLI(LightningCLI):
         parser.add_lightning_class_args(TrainingBudget, "budget")
         parser.add_lightning_class_args(FinalCheckpoint, "final_checkpoint")
         parser.add_lightning_class_args(DistillationRounds, "distill")  # inert unless the objective distils
+        parser.add_lightning_class_args(ConsistencyTuningRun, "consistency")  # inert unless it is ConsistencyTuning
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -306,11 +308,12 @@ class DiffusionCLI(LightningCLI):
                 self._group_wandb_run(init_args, config)
 
     def _inherit_from_teacher(self, config: Namespace) -> None:
-        """A distillation's student is its teacher's network on its teacher's schedule: both are read from the
+        """A distillation's (or a consistency tuning's) student is its teacher's network on its teacher's schedule: both are read from the
         teacher's checkpoint, so that one config distils any teacher; config values that differ are replaced, with
         one warning. A missing or unreadable teacher is left to DistillationRounds, which says what is wrong."""
         objective = config.model.init_args.get("objective")
-        if not isinstance(objective, Namespace) or not str(objective.get("class_path", "")).endswith("ProgressiveDistillation"):
+        kind = str(objective.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(objective, Namespace) else ""
+        if kind not in ("ProgressiveDistillation", "ConsistencyTuning"):
             return
         path = objective.init_args.get("teacher")
         if not path or not Path(path).is_file():
@@ -328,7 +331,8 @@ class DiffusionCLI(LightningCLI):
                 config.model.init_args.net = Namespace(class_path=net["class_path"], init_args=Namespace(**init))
                 changed.append("net")
         theirs = (hparams.get("objective") or {}).get("init_args") or {}
-        for key in SCHEDULE_ARGS:
+        # A consistency model keeps its teacher's preconditioning too (sigma_data).
+        for key in (*SCHEDULE_ARGS, *(("sigma_data",) if kind == "ConsistencyTuning" else ())):
             if key in theirs and objective.init_args.get(key) != theirs[key]:
                 objective.init_args[key] = theirs[key]
                 changed.append(f"objective.{key} {theirs[key]}")
@@ -398,6 +402,7 @@ class DiffusionCLI(LightningCLI):
             raise ConfigError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}.")
         out = check_output_path(out)
         checkpoint = load_weights(model, ckpt_path)
+        model.check_sampling(sampler, steps)
         if ema_length is not None:
             from diffusion.phema import rebuild
 

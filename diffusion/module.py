@@ -22,9 +22,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
+from diffusion.consistency import ConsistencyTuning
 from diffusion.errors import CheckpointError, ConfigError, TrainingDiverged
 from diffusion.evaluation import derive_seed
-from diffusion.objective import Objective
+from diffusion.objective import Objective, ProgressiveDistillation
 from diffusion.optim import Optimization
 from diffusion.runs import state_dict_mismatch
 from diffusion.samplers import SamplingDefaults, ddim_sample, get_sampler, sampler_timesteps
@@ -278,6 +279,24 @@ class DiffusionModel(LightningModule):
             return fn(denoiser, self.schedule, x_T, timesteps, generator, **options).clamp(-1, 1)
         finally:
             self.train(was_training)
+
+    def check_sampling(self, sampler: Optional[str], steps: Optional[int]) -> None:
+        """Refuse, in one line with the fix, to sample a few-step student other than as it was trained: a
+        progressive-distillation student learnt DDIM at its round's steps only, a consistency model (with any
+        number of steps) the consistency sampler only. ``None``: the checkpoint's own sampling defaults."""
+        if isinstance(self.objective, ProgressiveDistillation):
+            trained = self.sampling.steps
+            if sampler not in (None, "ddim") or steps not in (None, trained):
+                raise ConfigError(
+                    f"This checkpoint is a progressive-distillation student trained for DDIM in {trained} steps, not "
+                    f"{sampler or 'ddim'} in {steps or trained}: leave --sampler and --steps out, or sample the "
+                    "checkpoint of the round with the steps you want (checkpoints/distill-<N>steps.ckpt)."
+                )
+        elif isinstance(self.objective, ConsistencyTuning) and sampler not in (None, "consistency", "consistency_karras"):
+            raise ConfigError(
+                f"This checkpoint is a consistency model: its x0 estimates are not a diffusion model's, so {sampler} "
+                "does not sample it; use --sampler consistency (or consistency_karras) with --steps 1 to 4."
+            )
 
     def sample_labels(self, num_samples: int, labels: Optional[Tensor | int] = None) -> Optional[Tensor]:
         """Checked labels on the module's device: ``labels`` as given, or the classes in turn."""

@@ -260,6 +260,14 @@ def test_a_student_samples_at_its_steps_and_takes_the_test_table(distilled, dist
     assert {r["key"] for r in records if r["kind"] == "sampler"} == {"ddim2", "ddim1"}
 
 
+def test_a_student_sampled_at_steps_it_was_not_trained_for_is_refused(distilled, distill_config, tmp_path, cli_main):
+    root, _ = distilled
+    (ckpt,) = root.rglob("distill-2steps.ckpt")
+    code, _, err = cli_main("sample", "--config", distill_config, "--ckpt_path", ckpt, "--steps", 3, "--out",
+                            tmp_path / "s.png", "--trainer.logger", "false", "--trainer.default_root_dir", tmp_path)
+    assert code == 2 and "trained for DDIM in 2 steps, not ddim in 3" in err and "distill-<N>steps.ckpt" in err, err
+
+
 @pytest.mark.parametrize("extra, message", [
     (None, "needs a teacher"),  # the config's `teacher: null` left as it is
     (["--trainer.max_steps", 7], "set trainer.max_steps to 6"),

@@ -26,6 +26,56 @@ from diffusion.progress import progress_bars
 from diffusion.runs import read_checkpoint, state_dict_mismatch
 
 
+def read_teacher(path: str, student_args: dict, pl_module: LightningModule) -> tuple[dict, str, dict]:
+    """A teacher checkpoint's contents, its objective's class path and arguments, after the checks that a student
+    of ``pl_module`` (whose objective has ``student_args``) can learn from it; each failure is one line with the fix."""
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters")
+    recorded = hparams.get("objective") if isinstance(hparams, dict) else None
+    if not isinstance(recorded, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"The teacher {path} is not a diffusion model of this project (its checkpoint records no objective): pass "
+            "a checkpoint written by `python -m diffusion fit`, e.g. runs/mnist_cpu/<run id>/checkpoints/last.ckpt."
+        )
+    init = dict(recorded.get("init_args") or {})
+    for key, default in SCHEDULE_ARGS.items():
+        theirs, ours = init.get(key, default), student_args.get(key, default)
+        if theirs != ours:
+            raise ConfigError(
+                f"The teacher {path} was trained with {key}={theirs!r}, the student's objective has "
+                f"{ours!r}: set --model.init_args.objective.init_args.{key} {theirs}."
+            )
+    net = (hparams.get("net") or {}).get("init_args") or {}
+    student = getattr(pl_module, "net", None)
+    size, ours = net.get("image_size"), getattr(student, "image_size", None)
+    if size is not None and ours is not None and size != ours:
+        raise ConfigError(
+            f"The teacher {path} was trained on {size}x{size} images, the student's data are {ours}x{ours}: train "
+            "the student on the teacher's data set (--data.init_args.dataset, --data.init_args.image_size)."
+        )
+    classes, ours = int(net.get("num_classes") or 0), int(getattr(student, "num_classes", 0) or 0)
+    if classes != ours:
+        fix = (f"set --model.init_args.net.init_args.num_classes {classes}" if classes else
+               "set --model.init_args.net.init_args.num_classes 0")
+        raise ConfigError(
+            f"The teacher {path} is {'class-conditional (' + str(classes) + ' classes)' if classes else 'unconditional'}, "
+            f"the student's net is {'class-conditional (' + str(ours) + ' classes)' if ours else 'unconditional'}: {fix} "
+            "(a student learns the teacher's own model)."
+        )
+    return checkpoint, str(recorded.get("class_path", "")), init
+
+
+def load_teacher_weights(module: LightningModule, checkpoint: dict, path: str) -> None:
+    """The checkpoint's weights (its EMA weights, where it has them) into ``module``, or one line on a mismatch."""
+    details = state_dict_mismatch(module.state_dict(), checkpoint["state_dict"])
+    if details:
+        raise CheckpointError(
+            f"The teacher {path} has another network than this config's `net` ({details}): copy the `net:` group "
+            "of the teacher's config.yaml (in its run folder) into the student's config."
+        )
+    module.load_state_dict(checkpoint["state_dict"])
+
+
 class DistillationRounds(Callback):
     """Runs the rounds of a ``ProgressiveDistillation`` objective.
 
@@ -101,20 +151,7 @@ class DistillationRounds(Callback):
         return teacher.to(pl_module.device).eval().requires_grad_(False)
 
     def load_first_teacher(self, pl_module: LightningModule, objective: ProgressiveDistillation) -> LightningModule:
-        path = objective.teacher
-        checkpoint = read_checkpoint(path)
-        recorded = checkpoint.get("hyper_parameters", {}).get("objective")
-        if not isinstance(recorded, dict):
-            raise CheckpointError(f"Teacher {path} records no objective: use a checkpoint written by `fit` of this version.")
-        init = dict(recorded.get("init_args") or {})
-        for key, default in SCHEDULE_ARGS.items():
-            theirs, ours = init.get(key, default), objective.init_args[key]
-            if theirs != ours:
-                raise ConfigError(
-                    f"The teacher {path} was trained with {key}={theirs!r}, this distillation's objective has "
-                    f"{ours!r}: set --model.init_args.objective.init_args.{key} {theirs}."
-                )
-        class_path = str(recorded.get("class_path", ""))
+        checkpoint, class_path, init = read_teacher(objective.teacher, objective.init_args, pl_module)
         if class_path.endswith("EDMObjective"):
             # Read through its own preconditioning. The v-predicting student starts from its weights, which with
             # MNIST's sigma_data ~1 are nearly a v-predictor's (EDM with sigma_data = 1 is v-prediction).
@@ -123,13 +160,7 @@ class DistillationRounds(Callback):
             default = "v" if class_path.endswith("ProgressiveDistillation") else "eps"
             teacher_objective = objective.plain_objective(init.get("prediction") or default)
         teacher = self.make_teacher(pl_module, teacher_objective)
-        details = state_dict_mismatch(teacher.state_dict(), checkpoint["state_dict"])
-        if details:
-            raise CheckpointError(
-                f"The teacher {path} has another network than this config's `net` ({details}): copy the `net:` group "
-                "of the teacher's config.yaml (in its run folder) into the distillation's config."
-            )
-        teacher.load_state_dict(checkpoint["state_dict"])
+        load_teacher_weights(teacher, checkpoint, objective.teacher)
         return teacher
 
     def begin(self, pl_module: LightningModule, objective: ProgressiveDistillation, teacher: LightningModule,
