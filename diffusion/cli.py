@@ -308,9 +308,9 @@ class DiffusionCLI(LightningCLI):
                 self._group_wandb_run(init_args, config)
 
     def _inherit_from_teacher(self, config: Namespace) -> None:
-        """A distillation's (or a consistency tuning's) student is its teacher's network on its teacher's schedule: both are read from the
-        teacher's checkpoint, so that one config distils any teacher; config values that differ are replaced, with
-        one warning. A missing or unreadable teacher is left to DistillationRounds, which says what is wrong."""
+        """A distillation's (or a consistency tuning's) student is its teacher's network on its teacher's schedule
+        (and preconditioning): both are read from the teacher's checkpoint, so that one config distils any teacher;
+        config values that differ are replaced, with one warning. A missing or unreadable teacher is left to DistillationRounds, which says what is wrong."""
         objective = config.model.init_args.get("objective")
         kind = str(objective.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(objective, Namespace) else ""
         if kind not in ("ProgressiveDistillation", "ConsistencyTuning"):
@@ -331,11 +331,16 @@ class DiffusionCLI(LightningCLI):
                 config.model.init_args.net = Namespace(class_path=net["class_path"], init_args=Namespace(**init))
                 changed.append("net")
         theirs = (hparams.get("objective") or {}).get("init_args") or {}
-        # A consistency model keeps its teacher's preconditioning too (sigma_data).
-        for key in (*SCHEDULE_ARGS, *(("sigma_data",) if kind == "ConsistencyTuning" else ())):
-            if key in theirs and objective.init_args.get(key) != theirs[key]:
-                objective.init_args[key] = theirs[key]
-                changed.append(f"objective.{key} {theirs[key]}")
+        # A student of an EDM teacher keeps its preconditioning (sigma_data), a distilled one its parameterization.
+        edm = str((hparams.get("objective") or {}).get("class_path", "")).endswith("EDMObjective") \
+            or theirs.get("prediction") == "edm"  # an EDM teacher, or a student distilled from one
+        inherited = {k: theirs[k] for k in (*SCHEDULE_ARGS, *(("sigma_data",) if edm else ())) if k in theirs}
+        if kind == "ProgressiveDistillation" and edm:
+            inherited["prediction"] = "edm"
+        for key, value in inherited.items():
+            if objective.init_args.get(key) != value:
+                objective.init_args[key] = value
+                changed.append(f"objective.{key} {value}")
         if changed:
             rank_zero_warn(f"Distilling {path}: the student takes the teacher's {', '.join(changed)} (its weights need "
                            "them) in place of the config's.", category=UserWarning)

@@ -319,10 +319,14 @@ class ProgressiveDistillation(Objective):
         teacher_steps: the first teacher's DDIM steps (the first student learns half as many).
         final_steps: the last student's steps; ``teacher_steps / final_steps`` must be a power of two.
         steps_per_round: optimizer steps per round (the learning-rate warm-up and decay restart each round).
-        clip_x0: clip the teacher's x0 estimates to [-1, 1] in its steps, as its sampling does.
+        clip_x0: clip the teacher's x0 estimates to [-1, 1] in its steps. Off by default, as in the paper's code:
+            the targets are the teacher's unclipped ODE steps, and clipping happens only when the student samples.
         schedule, num_timesteps, beta_start, beta_end: the teacher's schedule (``fit`` takes them from the teacher's
             checkpoint, as it takes the ``net`` group; from Python they are checked against it).
-        prediction: what the student predicts (``v`` or ``x0``; ``eps`` is allowed but fails at few steps).
+        prediction: what the student predicts (``v`` or ``x0``; ``eps`` is allowed but fails at few steps), or
+            ``edm``: EDM's preconditioned denoiser with ``sigma_data``, the parameterization of an ``EDMObjective``
+            teacher, which the student must keep to start as its teacher (``fit`` sets it for such a teacher).
+        sigma_data: with ``prediction: edm``, the teacher's sigma_data.
         label_dropout: as for ``Objective``.
     """
 
@@ -332,16 +336,22 @@ class ProgressiveDistillation(Objective):
         teacher_steps: int = 64,
         final_steps: int = 1,
         steps_per_round: int = 500,
-        clip_x0: bool = True,
+        clip_x0: bool = False,
         schedule: str = "linear",
         num_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         prediction: str = "v",
+        sigma_data: float = 0.5,
         label_dropout: float = 0.1,
     ) -> None:
-        super().__init__(schedule, num_timesteps, beta_start, beta_end, prediction, label_dropout=label_dropout)
-        self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        edm = prediction == "edm"
+        super().__init__(schedule, num_timesteps, beta_start, beta_end, "v" if edm else prediction,
+                         label_dropout=label_dropout)
+        self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__", "edm")}
+        self.prediction = prediction
+        # How the student's network output is read (and how a later round's teacher, the previous student, is).
+        self.parameterization = self.plain_objective(prediction)
         ratio = teacher_steps // final_steps if final_steps >= 1 else 0
         if final_steps < 1 or teacher_steps % final_steps or ratio < 2 or ratio & (ratio - 1):
             raise ConfigError(
@@ -374,9 +384,23 @@ class ProgressiveDistillation(Objective):
         return self.teacher_steps >> (round + 1)
 
     def plain_objective(self, prediction: str) -> Objective:
-        """An ``Objective`` on this schedule for a network predicting ``prediction``: how a teacher is sampled."""
-        keys = (*SCHEDULE_ARGS, "label_dropout")
-        return Objective(**{k: self.init_args[k] for k in keys}, prediction=prediction)
+        """An ``Objective`` on this schedule for a network predicting ``prediction`` (an ``EDMObjective`` for
+        ``edm``): how a teacher is sampled."""
+        args = {k: self.init_args[k] for k in (*SCHEDULE_ARGS, "label_dropout")}
+        if prediction == "edm":
+            return EDMObjective(**args, sigma_data=self.init_args["sigma_data"])
+        return Objective(**args, prediction=prediction)
+
+    def net_input(self, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.parameterization.net_input(x_t, t)
+
+    def eps_from_output(self, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        return self.parameterization.eps_from_output(x_t, t, out)
+
+    def x0_from_output(self, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        p = self.parameterization
+        return p.denoised(x_t, t, out) if isinstance(p, EDMObjective) else self.schedule.x0_from_output(
+            self.prediction, x_t, t, out)
 
     def begin_round(self, teacher_denoiser: Optional[Callable[[Optional[Tensor]], Denoiser]], round: int) -> None:
         """Train the student of ``round`` against ``teacher_denoiser(labels) -> denoiser(x_t, t) -> eps``."""
@@ -437,7 +461,7 @@ class ProgressiveDistillation(Objective):
                     "DistillationRounds callback loads objective.teacher), or add diffusion.callbacks."
                     "DistillationRounds to the Trainer's callbacks."
                 )
-            return super().loss(net, x0, labels, t, noise, null_label)
+            return self.parameterization.loss(net, x0, labels, t, noise, null_label)
         labels = self.training_labels(labels, null_label)
         grid = self.grid(x0.device)
         starts = grid[0:-1:2]
@@ -450,6 +474,6 @@ class ProgressiveDistillation(Objective):
             noise = torch.randn_like(x0)
         z_t = self.schedule.q_sample(x0, t, noise)
         target = self.teacher_target(z_t, t, t_mid, t_next, labels).float()
-        pred = self.schedule.x0_from_output(self.prediction, z_t, t, net(z_t, t, labels).float())
+        pred = self.x0_from_output(z_t, t, net(self.net_input(z_t, t), t, labels).float())
         per_image = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         return per_image * self.schedule.snr_at(t).clamp(min=1.0), t

@@ -328,12 +328,21 @@ def test_an_edm_teacher_is_read_through_its_own_preconditioning(teacher, tmp_pat
     torch.save(checkpoint, path)
     net = dict(base_channels=16, channel_mults=[1, 2, 2], num_res_blocks=1, attention_resolutions=[7], num_heads=2,
                in_channels=1, image_size=28)
-    student = DiffusionModel(net=UNet(**net), objective=ProgressiveDistillation(teacher=str(path), num_timesteps=100))
+    student = DiffusionModel(net=UNet(**net), objective=ProgressiveDistillation(
+        teacher=str(path), num_timesteps=100, prediction="edm", sigma_data=0.9))
     loaded = DistillationRounds().load_first_teacher(student, student.objective)
     assert isinstance(loaded.objective, EDMObjective) and loaded.objective.sigma_data == 0.9
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([10, 90])
     expected = EDMObjective(num_timesteps=100, sigma_data=0.9).denoiser(loaded.net)(x, t)
     assert torch.allclose(loaded.objective.denoiser(loaded.net)(x, t), expected)
+    # The student reads the same weights the same way, so it starts as its teacher (EDM's F is about -v: read as a
+    # v-predictor, the weights would start with their sign wrong).
+    assert torch.allclose(student.objective.denoiser(loaded.net)(x, t), expected)
+    for wrong in ({"prediction": "v"}, {"prediction": "edm", "sigma_data": 0.5}):
+        other = DiffusionModel(net=UNet(**net), objective=ProgressiveDistillation(teacher=str(path), num_timesteps=100,
+                                                                                 **wrong))
+        with pytest.raises(ConfigError, match="set the objective's prediction edm and sigma_data 0.9"):
+            DistillationRounds().load_first_teacher(other, other.objective)
 
 
 def test_a_distillation_on_two_processes_keeps_the_ranks_in_step(distill_config, teacher, mnist_dir, tmp_path):

@@ -152,9 +152,17 @@ class DistillationRounds(Callback):
 
     def load_first_teacher(self, pl_module: LightningModule, objective: ProgressiveDistillation) -> LightningModule:
         checkpoint, class_path, init = read_teacher(objective.teacher, objective.init_args, pl_module)
-        if class_path.endswith("EDMObjective"):
-            # Read through its own preconditioning. The v-predicting student starts from its weights, which with
-            # MNIST's sigma_data ~1 are nearly a v-predictor's (EDM with sigma_data = 1 is v-prediction).
+        edm = class_path.endswith("EDMObjective") or init.get("prediction") == "edm"  # or a student of one
+        if edm != (objective.prediction == "edm") or (edm and init.get("sigma_data", 0.5) != objective.init_args["sigma_data"]):
+            # The student starts as its teacher: it must read the same weights the same way (EDM's F is about -v,
+            # so an EDM network read as a v-predictor starts with its sign wrong).
+            fix = (f"prediction edm and sigma_data {init.get('sigma_data', 0.5)}, the teacher's preconditioning" if edm
+                   else "prediction v (the paper's)")
+            raise ConfigError(
+                f"The teacher {objective.teacher} was trained with {class_path.rsplit('.', 1)[-1]}, the student predicts "
+                f"{objective.prediction!r}: set the objective's {fix} (`fit` does so when it reads the teacher)."
+            )
+        if edm:
             teacher_objective = EDMObjective(**{k: v for k, v in init.items() if k in EDM_ARGS})
         else:
             default = "v" if class_path.endswith("ProgressiveDistillation") else "eps"
