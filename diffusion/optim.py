@@ -13,14 +13,15 @@ from torch import nn
 
 from diffusion.errors import ConfigError
 
-LR_DECAYS = ("none", "cosine")
+LR_DECAYS = ("none", "cosine", "linear")
 LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 class LRSchedule:
-    """Learning-rate factor: linear warm-up over ``steps``, then constant or (``decay="cosine"``) a half cosine to
-    0 at step ``total``. A class so that the scheduler pickles (ddp_spawn) and so that its length can be set
-    after the optimizer is built (a time-budgeted run learns it from the pace of its first steps).
+    """Learning-rate factor: linear warm-up over ``steps``, then constant or down to 0 at step ``total`` along a half
+    cosine (``decay="cosine"``) or a straight line (``"linear"``, progressive distillation's per round). A class so
+    that the scheduler pickles (ddp_spawn) and so that its length can be set after the optimizer is built (a
+    time-budgeted run learns it from the pace of its first steps).
 
     Where the schedule has an end (``total``, or each ``period``), the warm-up takes at most ``WARMUP_SHARE`` of it,
     so that a run planned shorter than its configured warm-up (a short time budget, a slow machine) still reaches
@@ -48,9 +49,9 @@ class LRSchedule:
             step, total = step % self.period, self.period
         warmup = self.warmup(total)
         factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
-        if self.decay == "cosine" and total:
+        if self.decay in ("cosine", "linear") and total:
             done = min(1.0, max(0, step - warmup) / max(1.0, total - warmup))
-            factor *= 0.5 * (1 + math.cos(math.pi * done))
+            factor *= 0.5 * (1 + math.cos(math.pi * done)) if self.decay == "cosine" else 1.0 - done
         return factor
 
 
@@ -62,8 +63,8 @@ class Optimization:
         lr, weight_decay, betas: AdamW's (norm gains and biases are not decayed).
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps, at most a quarter of the
             steps to the end of the decay (``LRSchedule.WARMUP_SHARE``), so that a shorter plan still decays.
-        lr_decay: ``none`` keeps the learning rate after the warm-up; ``cosine`` takes it down to 0 along a
-            half cosine by the last step: ``max_steps`` (or ``max_epochs``), or with ``max_time`` the steps the
+        lr_decay: ``none`` keeps the learning rate after the warm-up; ``cosine`` (``linear``) takes it down to 0
+            along a half cosine (a straight line) by the last step: ``max_steps`` (or ``max_epochs``), or with ``max_time`` the steps the
             time allows on this machine (see ``diffusion.callbacks.TrainingBudget``).
         lr_scaling: ``none`` keeps ``lr`` whatever the global batch; ``linear`` or ``sqrt`` scale it by
             (global batch / ``lr_reference_batch``) or its square root, global batch = batch_size x devices x

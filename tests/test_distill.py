@@ -113,6 +113,10 @@ def test_the_rounds_halve_the_steps_and_restart_the_learning_rate():
     assert factors[:10] == factors[10:20] == factors[20:]
     assert factors[0] == 0.5 and factors[1] == 1.0 and factors[9] < 0.05
     assert factors[5] == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 8)))
+    # The paper's: no warm-up, linear to 0 at each round's end.
+    linear = [LRSchedule(0, "linear", total=1000, period=10)(s) for s in range(20)]
+    assert linear[:10] == linear[10:] and linear[0] == 1.0
+    assert linear[5] == pytest.approx(0.5) and linear[9] == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("kwargs, message", [
