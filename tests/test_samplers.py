@@ -183,7 +183,8 @@ def test_bad_sampler_input(schedule):
         make_timesteps(1000, 0)
     with pytest.raises(ConfigError, match="spacing"):
         make_timesteps(1000, 10, "random")
-    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp2m", "heun", "ddim_karras", "dpmpp2m_karras"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp2m", "heun", "ddim_karras", "dpmpp2m_karras", "consistency",
+                             "consistency_karras"}
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m"])
