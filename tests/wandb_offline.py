@@ -88,9 +88,9 @@ def read_log(path: Path) -> dict:
 def table_rows(run: dict, key: str) -> list[dict]:
     """The rows of the W&B table ``key`` as dicts by column (an image cell: the path of its PNG on disk): all rows
     of an incremental table (each log adds its new rows), the last version of any other."""
-    name = key.replace("/", "")  # as W&B names the table's artifact: run-<id>-[incr-]<key without slashes>-<hash>
+    name = key.replace("/", "")  # W&B names the table's artifact run-<id>-[incr-]<key without slashes>-<6 characters>
     versions = [a for a in run["artifacts"]
-                if a["type"] in ("wandb-run-incremental-table", "run_table") and re.search(rf"-(incr-)?{name}-\w+$", a["name"])]
+                if a["type"] in ("wandb-run-incremental-table", "run_table") and re.fullmatch(rf"run-\w+-(incr-)?{re.escape(name)}-[\w-]{{6}}", a["name"])]
     if versions and versions[0]["type"] == "run_table":
         versions = versions[-1:]
     rows = []
