@@ -187,6 +187,21 @@ def test_fit_says_where_its_wandb_run_is_and_how_to_upload_it(fitted):
     assert glob.glob(command) == [str(run["path"].parent)]  # the folder `wandb sync` uploads
 
 
+def test_every_wandb_sync_path_in_the_docs_matches_what_fit_writes(fitted):
+    # A path under runs/<config>/ (or Docker's /runs/<name>/, a --trainer.default_root_dir) is one under the
+    # fitted run's root, which is its default_root_dir.
+    run = read_run(fitted)
+    pages = [ROOT / "README.md", ROOT / "docker" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    found = []
+    for page in pages:
+        for path in re.findall(r"wandb sync (\S+?)[`'\s]", page.read_text().replace("<run id>", "<run_id>")):
+            pattern = re.sub(r"^/?runs/[^/]+/", f"{fitted}/", path).replace("<run_id>", run["run"]["id"])
+            pattern = re.sub(r"\b[0-9a-f]{8}\b", run["run"]["id"], pattern)  # the example line's made-up id
+            found.append((page.name, path))
+            assert glob.glob(pattern) == [str(run["path"].parent)], f"{page.name}: wandb sync {path}"
+    assert {name for name, _ in found} >= {"logging.md", "README.md"}  # docker/README.md is also a README.md
+
+
 @pytest.fixture(scope="module")
 def resumed(fitted, tmp_path_factory, mnist_dir, wandb_data):
     """The fitted run continued from its last.ckpt to step 30 (in a copy, which the other tests do not read), with
