@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid_cache", default=None, help="cache of the reference statistics (default: the config's fid.cache_dir, $DIFFUSION_FID_CACHE, ~/.cache/diffusion/fid)")
     p.add_argument("--ema_length", default=None, help="comma-separated post-hoc EMA lengths (sigma_rel, e.g. 0.05,0.08,0.1) to score, each "
                    "rebuilt from the checkpoint's PostHocEMA profiles, instead of its fixed EMA; one record per (length, sampler)")
-    p.add_argument("--no_wandb", action="store_true", help="log nothing to W&B (by default the rows go to the training's W&B run, offline unless WANDB_MODE says otherwise)")
+    p.add_argument("--no_wandb", action="store_true",
+                   help="log nothing to W&B (by default the rows go to the training's W&B run, offline unless WANDB_MODE says otherwise)")
     return p
 
 
@@ -263,7 +264,8 @@ def wandb_run(cli, args, train_record: dict, out: Path):
 
     trained_by = training_run_id(args.ckpt)
     return wandb.init(project="diffusion", dir=str(out), group=Path(args.config).stem, job_type="quality",
-                      mode=os.environ.get("WANDB_MODE") or "offline", tags=[f"trained_by:{trained_by}"] if trained_by else None,
+                      mode=os.environ.get("WANDB_MODE") or "offline",
+                      tags=[f"trained_by:{trained_by}"] if trained_by else None,
                       config={"run/config_name": Path(args.config).stem, "run/training_run": trained_by,
                               "checkpoint": train_record.get("checkpoint"), "num_samples": args.num_samples,
                               "num_real": args.num_real, "seed": args.seed})

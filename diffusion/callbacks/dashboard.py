@@ -17,7 +17,8 @@ from diffusion.callbacks.common import images_seen, log_step
 from diffusion.errors import ConfigError
 
 OFFLINE_UPLOAD = ("dashboard.log_checkpoints: checkpoints are uploaded only when W&B runs online, and this run is "
-                  "offline; turn it on with WANDB_MODE=online (after `wandb login`) or --trainer.logger.init_args.offline false.")
+                  "offline; turn it on with WANDB_MODE=online (after `wandb login`) or "
+                  "--trainer.logger.init_args.offline false.")
 
 
 def wandb_runs(trainer: Trainer) -> list:
@@ -71,7 +72,8 @@ class WandbDashboard(Callback):
             self.run_id = runs[0].id
         self.table.training_run = self.training_run or self.run_id
         for run in runs:
-            trained_by = [f"trained_by:{self.training_run}"] if self.training_run and self.training_run != run.id else []
+            linked = self.training_run and self.training_run != run.id
+            trained_by = [f"trained_by:{self.training_run}"] if linked else []
             run.tags = tuple(dict.fromkeys([*(run.tags or ()), *dashboard.run_tags(trainer, pl_module), *trained_by]))
             dashboard.define_metrics(run, self.fid_keys(trainer))
             if trained_by:
@@ -101,9 +103,11 @@ class WandbDashboard(Callback):
         """One evaluation's results (``FIDScorer.score``'s fields, ``images`` optional) as rows of the table."""
         stage = "fit" if trainer.state.fn == TrainerFn.FITTING else str(getattr(trainer.state.fn, "value", "eval"))
         # Outside `fit`, the rows sit at the training step of the checkpoint evaluated, beside that run's rows.
-        epoch, step = (trainer.current_epoch, trainer.global_step) if stage == "fit" or self.trained is None else self.trained
+        fitting = stage == "fit" or self.trained is None
+        epoch, step = (trainer.current_epoch, trainer.global_step) if fitting else self.trained
+        seen = images_seen(trainer, step) or None
         for run in wandb_runs(trainer):
-            self.table.log(run, results, stage, epoch, step, images_seen(trainer, step) or None, floor, log_step(trainer))
+            self.table.log(run, results, stage, epoch, step, seen, floor, log_step(trainer))
 
     # A resumed run continues the chart's history; the run's id goes with every checkpoint, so that resuming
     # from it continues the same run (DiffusionCLI reads it back).

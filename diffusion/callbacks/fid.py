@@ -170,7 +170,7 @@ class FIDEvaluation(ValidateAtLastStep):
                 np.savez_compressed(path, images=ev.to_fid_uint8(images)[:, : images.shape[1]].numpy(), indices=np.asarray(indices))
             results[spec.key] = {**r, "images": images[:shown]}
             rank_zero_info(f"FID {spec.key}: {r['fid']:.2f} ({num_samples} samples, {r['seconds']:.1f} s sampling)")
-        self.last_results = {k: {f: v for f, v in r.items() if f != "images"} for k, r in results.items()}
+        self.last_results = without_images(results)
         return results
 
     @staticmethod
@@ -238,7 +238,7 @@ class FIDEvaluation(ValidateAtLastStep):
                     results[f"{key}_ema{length:g}"] = {**r, "ema_length": length}
         finally:
             module.load_state_dict(own)
-            self.last_results = {**fixed_ema, **{k: {f: v for f, v in r.items() if f != "images"} for k, r in results.items()}}
+            self.last_results = {**fixed_ema, **without_images(results)}
         for key, r in results.items():
             pl_module.log(f"fid/{key}", r["fid"], sync_dist=True)
         return results
@@ -268,6 +268,10 @@ class FIDEvaluation(ValidateAtLastStep):
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_table("test/fid_table", columns=columns, data=rows, step=log_step(trainer))
+
+
+def without_images(results: dict[str, dict]) -> dict[str, dict]:
+    return {key: {k: v for k, v in r.items() if k != "images"} for key, r in results.items()}
 
 
 def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str) -> str:
