@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 
 from conftest import CONFIGS, ROOT
 from diffusion.callbacks.dashboard import WandbDashboard
+from diffusion.dashboard import run_tags, sync_hint
 from diffusion.cli import DiffusionCLI
 from diffusion.errors import ConfigError
 
@@ -53,6 +54,32 @@ def test_cpu_recipes_log_the_learning_rate(monkeypatch, tmp_path):
     # Without a logger, which LearningRateMonitor refuses, it is left out rather than failing the run.
     cli = build(monkeypatch, tmp_path, "--config", str(CONFIGS / "mnist_cpu.yaml"), "--trainer.logger", "false")
     assert not [c for c in cli.trainer.callbacks if isinstance(c, LearningRateMonitor)]
+
+
+def test_tags_say_what_a_run_is():
+    class CUDAAccelerator:
+        pass
+
+    student = SimpleNamespace(objective=type("ProgressiveDistillation", (), {"prediction": "v"})(), num_classes=10)
+    trainer = SimpleNamespace(accelerator=CUDAAccelerator(), precision="bf16-mixed", num_devices=4, num_nodes=2,
+                              datamodule=SimpleNamespace(dataset="cifar10"))
+    assert run_tags(trainer, student) == ["dataset:cifar10", "objective:ProgressiveDistillation", "prediction:v",
+                                          "conditional", "distillation", "precision:bf16-mixed", "accelerator:cuda",
+                                          "devices:8"]
+
+
+def test_the_sync_line_names_a_path_that_works_from_where_the_run_was_started(tmp_path, monkeypatch):
+    folder = tmp_path / "runs" / "mnist_cpu" / "1a2b3c4d" / "wandb" / "offline-run-20260101_000000-1a2b3c4d"
+    (folder / "files").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    run = SimpleNamespace(offline=True, dir=str(folder / "files"), name="mnist_cpu-1a2b3c4d", id="1a2b3c4d")
+    line = sync_hint(run)
+    assert line == ("W&B run mnist_cpu-1a2b3c4d (1a2b3c4d), offline, in runs/mnist_cpu/1a2b3c4d/wandb: upload it with "
+                    "`wandb sync runs/mnist_cpu/1a2b3c4d/wandb/offline-run-*-1a2b3c4d`")
+    assert [str(p) for p in Path().glob(line.split("wandb sync ")[1].rstrip("`"))] == [str(folder.relative_to(tmp_path))]
+    online = SimpleNamespace(offline=False, name="mnist_cpu-1a2b3c4d", id="1a2b3c4d",
+                             url="https://wandb.ai/x/diffusion/runs/1a2b3c4d")
+    assert sync_hint(online) == "W&B run mnist_cpu-1a2b3c4d (1a2b3c4d): https://wandb.ai/x/diffusion/runs/1a2b3c4d"
 
 
 class FakeRun:

@@ -96,7 +96,7 @@ class WandbDashboard(Callback):
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            pl_module.log(dashboard.IMAGES_SEEN, float(images_seen(trainer)))
+            pl_module.log(dashboard.IMAGES_SEEN, float(images_seen(trainer)), sync_dist=True)  # the same on every rank
 
     # --- the evaluation table ------------------------------------------------------------------------------
     def log_evaluation(self, trainer: Trainer, results: list[dict], floor: Optional[float]) -> None:
