@@ -42,7 +42,8 @@ from diffusion.runs import (
     state_dict_mismatch, training_run_id, unreadable_checkpoint,
 )
 
-OFFLINE_FLAGS = ("--trainer.logger.init_args.offline", "--trainer.logger.offline")
+OFFLINE_FLAGS = ("--trainer.logger.init_args.offline", "--trainer.logger.offline")  # see _wandb_mode
+
 
 def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> dict:
     """Load a Lightning checkpoint's ``state_dict`` (the EMA weights, where the EMA callback ran) into
