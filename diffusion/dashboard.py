@@ -130,9 +130,16 @@ class EvaluationTable:
         return rows
 
 
+def is_online(run) -> bool:
+    """Whether a W&B run reaches the server (neither offline nor disabled)."""
+    return not getattr(run, "offline", False) and getattr(getattr(run, "settings", None), "mode", None) != "disabled"
+
+
 def sync_hint(run) -> str:
     """One line saying where a W&B run is and, offline, the command that uploads it (every offline folder of the
     run's id under its ``wandb/``: a resumed run writes one per start, and ``wandb sync`` takes them in order)."""
+    if getattr(getattr(run, "settings", None), "mode", None) == "disabled":
+        return f"W&B run {run.name} ({run.id}): disabled by WANDB_MODE=disabled, nothing was written"
     if not getattr(run, "offline", False):
         return f"W&B run {run.name} ({run.id}): {run.url}"
     folder = Path(run.dir).parent.parent  # <save dir>/wandb/offline-run-<time>-<id>/files

@@ -205,13 +205,14 @@ def test_every_wandb_sync_path_in_the_docs_matches_what_fit_writes(fitted):
 @pytest.fixture(scope="module")
 def resumed(fitted, tmp_path_factory, mnist_dir, wandb_data):
     """The fitted run continued from its last.ckpt to step 30 (in a copy, which the other tests do not read), with
-    checkpoint uploads asked for offline."""
+    checkpoint uploads asked for offline and the learning-rate monitor."""
     root = tmp_path_factory.mktemp("resumed")
     shutil.copytree(fitted, root, dirs_exist_ok=True)
     proc = cli("fit", "--config", TINY, "--data.data_dir", mnist_dir, "--ckpt_path", last_ckpt(root), "--trainer.max_steps", 30,
                "--trainer.log_every_n_steps", 5, "--trainer.default_root_dir", root, *TINY_FID, *T100,
                "--fid.num_samples", 16, "--fid.floor", "true", "--diagnostics.grad_every_n_steps", 0,
-               "--sample_grids.every_n_epochs", 0, "--dashboard.log_checkpoints", "true", env=wandb_data)
+               "--sample_grids.every_n_epochs", 0, "--dashboard.log_checkpoints", "true",
+               "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor", env=wandb_data)
     return root, proc.stdout + proc.stderr
 
 
@@ -222,6 +223,8 @@ def test_a_resumed_fit_continues_the_same_run(resumed):
     assert second["run"]["id"] == run_id and second["run"]["name"] == f"tiny-{run_id}"
     assert [p.name for p in root.glob("*/config.yaml")] == ["config.yaml"]  # one run folder
     assert min(r["trainer/global_step"] for r in second["history"] if "train/loss" in r) == 24
+    # The recipes' LearningRateMonitor (added here to tiny's callbacks): both parameter groups' rate.
+    assert {"lr-AdamW/pg1", "lr-AdamW/pg2"} <= set().union(*second["history"])
     rows = table_rows(second, "evaluation/table")
     assert {(r["training_run"], r["step"], r["images_seen"]) for r in rows} == {(run_id, 30, 960)}
     # The chart continues its history: each sampler's FID at steps 20 and 30.

@@ -80,6 +80,9 @@ def test_the_sync_line_names_a_path_that_works_from_where_the_run_was_started(tm
     online = SimpleNamespace(offline=False, name="mnist_cpu-1a2b3c4d", id="1a2b3c4d",
                              url="https://wandb.ai/x/diffusion/runs/1a2b3c4d")
     assert sync_hint(online) == "W&B run mnist_cpu-1a2b3c4d (1a2b3c4d): https://wandb.ai/x/diffusion/runs/1a2b3c4d"
+    disabled = SimpleNamespace(offline=False, name="mnist_cpu-1a2b3c4d", id="1a2b3c4d", url=None,
+                               settings=SimpleNamespace(mode="disabled"))
+    assert sync_hint(disabled).endswith("disabled by WANDB_MODE=disabled, nothing was written")
 
 
 class FakeRun:

@@ -78,7 +78,7 @@ class WandbDashboard(Callback):
             dashboard.define_metrics(run, self.fid_keys(trainer))
             if trained_by:
                 run.config.update({"run/training_run": self.training_run}, allow_val_change=True)
-            if self.log_checkpoints and stage == "fit" and run.offline:
+            if self.log_checkpoints and stage == "fit" and not dashboard.is_online(run):
                 rank_zero_info(OFFLINE_UPLOAD)
 
     @staticmethod
@@ -127,7 +127,7 @@ class WandbDashboard(Callback):
     # --- the end of a run ----------------------------------------------------------------------------------
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for run in wandb_runs(trainer):
-            if self.log_checkpoints and not run.offline:
+            if self.log_checkpoints and dashboard.is_online(run):
                 self.upload_checkpoints(trainer, run)
             rank_zero_info(dashboard.sync_hint(run))
 
