@@ -135,6 +135,10 @@ class WandbDashboard(Callback):
         for run in wandb_runs(trainer):
             rank_zero_info(dashboard.sync_hint(run))
 
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # `validate` on its own; in `fit`, on_fit_end says it
+            self.on_test_end(trainer, pl_module)
+
     def upload_checkpoints(self, trainer: Trainer, run) -> list[Path]:
         """The final ``last.ckpt`` (``all``: every checkpoint in its folder, oldest first) as versions of the
         artifact ``model-<run id>``. Lightning's ``log_model`` is not used: it skips the ``last.ckpt`` that
