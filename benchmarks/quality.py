@@ -17,6 +17,9 @@ Phases, each timed:
 
 Output: JSON lines (``--json``) or one readable line per record on stdout, then a markdown table; in ``--out``:
 results.jsonl, table.md, model.ckpt (what was scored) and samples-<sampler>.png (the first ``--grid`` images).
+The rows also go to W&B as the training's evaluation table (``evaluation/table``, as ``fit`` logs it), in the
+training's W&B run, or with ``--ckpt`` in a run of their own (``job_type`` quality) linked to the checkpoint's
+run; offline unless ``WANDB_MODE`` says otherwise, under ``--out``; ``--no_wandb`` turns both off.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +41,7 @@ from common import (  # noqa: E402
 )
 
 DEFAULT_SAMPLERS = "ddpm1000,ddim10,ddim25,ddim50,dpmpp2m10,dpmpp2m20"
+TABLE_IMAGES = 16  # each sampler's image in the W&B table, as the dashboard's default
 # --quick: the small U-Net of QUICK_OVERRIDES (20 timesteps), a few steps, a few images: seconds on a CPU.
 QUICK = {"steps": 3, "num_samples": 16, "num_real": 32, "samplers": "ddpm20,ddim5,ddim10,dpmpp2m5", "grid": 16}
 QUICK_FIT = ["--fid.samplers", "[ddim5]", "--fid.test_samplers", "[ddim5]", "--sample_grids.samplers", "[ddim5]",
@@ -66,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid_cache", default=None, help="cache of the reference statistics (default: the config's fid.cache_dir, $DIFFUSION_FID_CACHE, ~/.cache/diffusion/fid)")
     p.add_argument("--ema_length", default=None, help="comma-separated post-hoc EMA lengths (sigma_rel, e.g. 0.05,0.08,0.1) to score, each "
                    "rebuilt from the checkpoint's PostHocEMA profiles, instead of its fixed EMA; one record per (length, sampler)")
+    p.add_argument("--no_wandb", action="store_true",
+                   help="log nothing to W&B (by default the rows go to the training's W&B run, offline unless WANDB_MODE says otherwise)")
     return p
 
 
@@ -142,7 +149,8 @@ def train(args, overrides: list[str], out: Path) -> tuple[Any, dict[str, Any]]:
     steps = ["--trainer.max_steps", str(args.train_steps)] if args.train_steps else []
     cli_args = ["fit", "--config", args.config, "--trainer.max_time", max_time(args.minutes), *steps,
                 "--trainer.default_root_dir", str(out / "run"),
-                "--fid.every_n_epochs", "0", *(QUICK_OVERRIDES + QUICK_FIT if args.quick else []), *overrides]
+                "--fid.every_n_epochs", "0", *(QUICK_OVERRIDES + QUICK_FIT if args.quick else []),
+                *(["--trainer.logger", "false"] if args.no_wandb else []), *overrides]
     start = time.perf_counter()
     cli = diffusion_cli(cli_args, run=True)
     wall = time.perf_counter() - start
@@ -176,10 +184,11 @@ def load(args, overrides: list[str], out: Path) -> tuple[Any, dict[str, Any]]:
                  "steps": state.get("global_step"), "ema": "averaging_state" in state}
 
 
-def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None) -> tuple[list[dict], dict]:
+def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None,
+          grids: Optional[dict] = None) -> tuple[list[dict], dict]:
     """FID of each sampler and of the held-out floor through ``FIDScorer`` (what the FID callback runs), with the
     config's FID settings (features, weights, cache, batch) and ``--seed``; one record each, per ``--ema_length``
-    (rebuilt from ``checkpoint``) where given."""
+    (rebuilt from ``checkpoint``) where given. ``grids``: filled with each record key's first images."""
     from diffusion import evaluation as ev
     from diffusion.callbacks import FIDEvaluation
     from diffusion.cli import save_grid
@@ -219,6 +228,8 @@ def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None) -> tupl
             key = spec.key if length is None else f"{spec.key}@ema{length:g}"
             if args.grid:
                 save_grid(r["images"], out / f"samples-{key}.png")
+            if grids is not None:
+                grids[key] = r["images"][:TABLE_IMAGES]
             if spec.name == "ddpm" and spec.guidance is None:
                 ddpm = r["fid"]
             sampling = r["seconds"]
@@ -235,6 +246,43 @@ def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None) -> tupl
                     "seconds": time.perf_counter() - start, **common}
     emit(floor_record)
     return results, floor_record
+
+
+def wandb_run(cli, args, train_record: dict, out: Path):
+    """The W&B run the rows go to: the training's (its logger's), else, for ``--ckpt``, a run of their own under
+    ``--out``, offline unless WANDB_MODE says otherwise; None with ``--no_wandb``."""
+    if args.no_wandb:
+        return None
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = next((lg for lg in cli.trainer.loggers if isinstance(lg, WandbLogger)), None)
+    if logger is not None:
+        return logger.experiment
+    import wandb
+
+    from diffusion.runs import training_run_id
+
+    trained_by = training_run_id(args.ckpt)
+    return wandb.init(project="diffusion", dir=str(out), group=Path(args.config).stem, job_type="quality",
+                      mode=os.environ.get("WANDB_MODE") or "offline",
+                      tags=[f"trained_by:{trained_by}"] if trained_by else None,
+                      config={"run/config_name": Path(args.config).stem, "run/training_run": trained_by,
+                              "checkpoint": train_record.get("checkpoint"), "num_samples": args.num_samples,
+                              "num_real": args.num_real, "seed": args.seed})
+
+
+def log_rows(run, args, train_record: dict, results: list[dict], floor: dict, grids: dict) -> str:
+    """The records as rows of the evaluation table ``fit`` logs (stage ``quality``); where the run is."""
+    from diffusion.dashboard import EvaluationTable, sync_hint
+    from diffusion.runs import training_run_id
+
+    table = EvaluationTable(training_run=training_run_id(args.ckpt) if args.ckpt else run.id)
+    rows = [{**r, "seconds": r["sampling_seconds"], "images": grids.get(r["key"])} for r in results]
+    table.log(run, rows, "quality", train_record.get("epochs"), train_record.get("steps"), train_record.get("images"),
+              floor["fid"])
+    hint = sync_hint(run)
+    run.finish()
+    return hint
 
 
 def markdown(config: str, train_record: dict, results: list[dict], floor: dict, device: str) -> str:
@@ -275,7 +323,7 @@ def readable(r: dict[str, Any]) -> str:
     if kind == "floor":
         return head + f"held-out {r['held_out_images']:,} images: FID {r['fid']:.2f} ({r['seconds']:.1f} s)"
     if kind == "summary":
-        return "\n" + r["markdown"]
+        return "\n" + r["markdown"] + ("" if r.get("wandb") is None else "\n\n" + r["wandb"])
     return head + json.dumps(r)
 
 
@@ -301,14 +349,17 @@ def run(args, overrides: list[str], emit: Emitter) -> None:
               "threads": torch.get_num_threads(), "seed": args.seed,
               "parameters": sum(p.numel() for p in cli.model.parameters())})
         emit(train_record)
-        results, floor = score(cli, args, emit, out, checkpoint if args.ema_lengths else None)
+        grids: dict = {}
+        results, floor = score(cli, args, emit, out, checkpoint if args.ema_lengths else None, grids)
+        run = wandb_run(cli, args, train_record, out)
+        hint = None if run is None else log_rows(run, args, train_record, results, floor, grids)
     table = markdown(args.config, train_record, results, floor, device_name(device))
     (out / "table.md").write_text(table + "\n")
     emit({"kind": "summary", "config": args.config, "steps": train_record.get("steps"),
           "images_per_s": train_record.get("images_per_s"), "num_samples": args.num_samples,
           "num_real": floor["num_real"], "floor": floor["fid"], "fid": {r["key"]: r["fid"] for r in results},
           "ratio_to_ddpm": {r["key"]: r["ratio_to_ddpm"] for r in results}, "seconds": time.perf_counter() - started,
-          "out": str(out), "markdown": table})
+          "out": str(out), "markdown": table, "wandb": hint})
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -27,19 +27,24 @@ from torchvision.utils import save_image
 from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, TimestepDiagnostics
 from diffusion.callbacks.budget import TrainingBudget
 from diffusion.callbacks.consistency import ConsistencyTuningRun
+from diffusion.callbacks.dashboard import WandbDashboard, dashboard_of
 from diffusion.callbacks.distill import DistillationRounds
 from diffusion.callbacks.final_checkpoint import FinalCheckpoint
 from diffusion.checkpoint_io import storage_error
 from diffusion.data import DiffusionDataModule
 from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, refuse_old_layout
+from diffusion.dashboard import run_name
 from diffusion.objective import SCHEDULE_ARGS
 from diffusion.samplers import slerp
 from diffusion.errors import CheckpointError, ConfigError, find_user_error
 from diffusion.progress import StepProgress, close_open_bars, progress_bars
 from diffusion.runs import (
     SaveAndLogConfig, config_name, cpu_has_native_bf16, is_wandb, new_run_id, read_checkpoint, run_root,
-    state_dict_mismatch, unreadable_checkpoint,
+    state_dict_mismatch, training_run_id, unreadable_checkpoint,
 )
+
+OFFLINE_FLAGS = ("--trainer.logger.init_args.offline", "--trainer.logger.offline")  # see _wandb_mode
+
 
 def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> dict:
     """Load a Lightning checkpoint's ``state_dict`` (the EMA weights, where the EMA callback ran) into
@@ -276,6 +281,7 @@ class DiffusionCLI(LightningCLI):
         parser.add_lightning_class_args(FinalCheckpoint, "final_checkpoint")
         parser.add_lightning_class_args(DistillationRounds, "distill")  # inert unless the objective distils
         parser.add_lightning_class_args(ConsistencyTuningRun, "consistency")  # inert unless it is ConsistencyTuning
+        parser.add_lightning_class_args(WandbDashboard, "dashboard")  # inert without a WandbLogger
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -290,11 +296,19 @@ class DiffusionCLI(LightningCLI):
             config.trainer.precision = "32-true"
         if self.subcommand in (None, "fit"):  # None: a CLI made to train from Python (the benchmarks)
             self._inherit_from_teacher(config)
-        # One folder per run, <root>/<run id>: config.yaml, checkpoints/ and the loggers' files.
-        self.run_id = new_run_id()
+        # One folder per run, <root>/<run id>: config.yaml, checkpoints/ and the loggers' files. `fit` from a
+        # checkpoint continues its run (folder and W&B run); another subcommand of one is linked to it.
+        trained_by = training_run_id(config.get("ckpt_path"))
+        self.run_id = new_run_id(trained_by if self.subcommand == "fit" else None)
+        self.training_run = trained_by
         self.run_dir = run_root(config) / self.run_id
         config.trainer.default_root_dir = str(self.run_dir)  # where a run without loggers writes too
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        if not any(loggers) and config.trainer.get("callbacks"):
+            # A recipe's LearningRateMonitor refuses a Trainer without a logger (--trainer.logger false): nothing
+            # to log to, so it goes.
+            config.trainer.callbacks = [cb for cb in config.trainer.callbacks
+                                        if not str(getattr(cb, "class_path", "")).endswith(".LearningRateMonitor")]
         for logger in loggers:
             init_args = getattr(logger, "init_args", None)
             if init_args is None:
@@ -305,7 +319,25 @@ class DiffusionCLI(LightningCLI):
             if is_wandb(logger):
                 if "id" in init_args and not init_args.get("id") and not os.environ.get("WANDB_RUN_ID"):
                     init_args["id"] = self.run_id  # the dashboard's run and the folder share the id
+                if "name" in init_args and not init_args.get("name"):
+                    init_args["name"] = run_name(config_name(config), self.run_id)
+                self._wandb_mode(init_args)
                 self._group_wandb_run(init_args, config)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        dashboard = dashboard_of(self.trainer)
+        if dashboard is not None:
+            dashboard.run_id, dashboard.training_run = self.run_id, self.training_run
+
+    def _wandb_mode(self, init_args: Namespace) -> None:
+        """Offline or online: ``--trainer.logger.init_args.offline`` on the command line, else ``$WANDB_MODE``,
+        else the config's ``offline``. WandbLogger's ``offline: true`` would otherwise override WANDB_MODE=online
+        (it sets WANDB_MODE=dryrun), and a config file's value is a default, not a user's choice."""
+        mode = os.environ.get("WANDB_MODE", "").strip().lower()
+        given = any(arg.split("=", 1)[0] in OFFLINE_FLAGS for arg in self._command_line)
+        if "offline" in init_args and mode and not given:
+            init_args.offline = mode in ("offline", "dryrun")  # "disabled" is left to W&B, which reads it too
 
     def _inherit_from_teacher(self, config: Namespace) -> None:
         """A distillation's (or a consistency tuning's) student is its teacher's network on its teacher's schedule

@@ -118,14 +118,32 @@ def is_wandb(logger: Any) -> bool:
 _made_here: set[str] = set()
 
 
-def new_run_id() -> str:
-    """A run id for a new CLI run: ``$DIFFUSION_RUN_ID`` where this process inherited it (a DDP rank, started by the
-    launcher with rank 0's environment; or set by the user), else a new one, exported for the ranks to come."""
-    value = os.environ.get(RUN_ID_ENV)
-    if not value or value in _made_here:  # ours, from an earlier run in this process: not for this one
-        value = os.environ[RUN_ID_ENV] = secrets.token_hex(4)
-        _made_here.add(value)
+def new_run_id(given: Optional[str] = None) -> str:
+    """A run id for a CLI run: ``given`` (the run a checkpoint continues); else ``$DIFFUSION_RUN_ID`` where this
+    process inherited it (a DDP rank, started by the launcher with rank 0's environment; or set by the user), or
+    ``$WANDB_RUN_ID`` (a W&B sweep's agent sets it), else a new one; exported for the ranks to come."""
+    value = given or os.environ.get(RUN_ID_ENV)
+    if not given and (not value or value in _made_here):  # ours, from an earlier run in this process: not this one's
+        value = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
+    os.environ[RUN_ID_ENV] = value
+    _made_here.add(value)
     return value
+
+
+def training_run_id(ckpt_path: Optional[str | Path]) -> Optional[str]:
+    """The id of the run that wrote a checkpoint: recorded in it by ``WandbDashboard``, else read from the run
+    folder it sits in (``<root>/<run id>/checkpoints/x.ckpt`` beside ``config.yaml``); None for another file."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return None
+    path = Path(ckpt_path).resolve()
+    try:
+        recorded = read_checkpoint(path, mmap=True).get("run_id")
+    except CheckpointError:
+        recorded = None  # LightningCLI says what is wrong with the file
+    if recorded:
+        return str(recorded)
+    folder = path.parent.parent
+    return folder.name if path.parent.name == "checkpoints" and (folder / "config.yaml").is_file() else None
 
 
 

@@ -5,16 +5,20 @@ The run uses a tiny feature extractor for FID (Inception's 2048x2048 matrix squa
 2-core CPU) and one thread (two threads on two busy cores are several times slower than one).
 """
 
+import glob
 import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import CONFIGS, ROOT
+from wandb_offline import read_run, table_rows
 
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
 
@@ -109,7 +113,10 @@ QUALITY = ROOT / "benchmarks" / "quality.py"
 
 
 def quality(*args, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+    args = [str(a) for a in args]
+    # W&B's staging folder (an offline run's tables and images) in --out, not the home's.
+    data = {"WANDB_DATA_DIR": str(Path(args[args.index("--out") + 1]) / "wandb-data")} if "--out" in args else {}
+    env = {**os.environ, **data, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, str(QUALITY), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -142,6 +149,14 @@ def test_quality_quick_run_trains_scores_each_sampler_and_the_floor(quality_run)
     assert table.strip() == summary["markdown"] and "| ddim5 |" in table and "the floor" in table
     assert [json.loads(line)["kind"] for line in (out / "results.jsonl").read_text().splitlines()][-1] == "summary"
     assert all((out / f"samples-{k}.png").is_file() for k in samplers) and (out / "model.ckpt").is_file()
+    # The same rows in the training's W&B run, as the evaluation table `fit` logs, with each sampler's samples.
+    run = read_run(out / "run")
+    rows = table_rows(run, "evaluation/table")
+    assert [r["sampler"] for r in rows] == list(samplers) and all(r["stage"] == "quality" for r in rows)
+    assert all(r["training_run"] == run["run"]["id"] and (r["step"], r["images_seen"]) == (3, 24) for r in rows)
+    assert [r["fid"] for r in rows] == [r["fid"] for r in samplers.values()] and rows[0]["floor"] == floor["fid"]
+    assert all(r["samples"].is_file() for r in rows)
+    assert glob.glob(re.search(r"`wandb sync (\S+)`", summary["wandb"])[1]) == [str(run["path"].parent)]
 
 
 def test_quality_rescoring_the_checkpoint_gives_the_same_figures(quality_run, mnist_dir, tmp_path):
@@ -156,6 +171,11 @@ def test_quality_rescoring_the_checkpoint_gives_the_same_figures(quality_run, mn
     now = {r["key"]: r for r in again if r["kind"] == "sampler"}
     assert {k: r["fid"] for k, r in now.items()} == {"ddim5": before["ddim5"], "ddpm20": before["ddpm20"]}  # same weights, seeds, machine: exact
     assert now["ddim5"]["ratio_to_ddpm"] == pytest.approx(before["ddim5"] / before["ddpm20"])  # DDPM listed last, scored first
+    # Rescored rows go to a W&B run of their own, linked to the run that trained the checkpoint.
+    training = read_run(out / "run")["run"]["id"]
+    run = read_run(tmp_path)
+    assert run["run"]["job_type"] == "quality" and f"trained_by:{training}" in run["run"]["tags"]
+    assert [(r["sampler"], r["training_run"]) for r in table_rows(run, "evaluation/table")] == [("ddpm20", training), ("ddim5", training)]
 
 
 @pytest.mark.parametrize("args, words", [

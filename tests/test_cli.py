@@ -1,5 +1,7 @@
+import glob
 import json
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +21,7 @@ from diffusion.cli import (
 from diffusion.errors import CheckpointError, ConfigError
 from diffusion.module import DiffusionModel
 from diffusion.unet import UNet
-from wandb_offline import read_run
+from wandb_offline import read_run, read_runs, table_rows
 
 TINY = str(CONFIGS / "tiny.yaml")
 
@@ -32,11 +34,18 @@ T100 = ["--model.init_args.objective.init_args.num_timesteps", 100, "--fid.sampl
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory, mnist_dir):
+def wandb_data(tmp_path_factory):
+    """W&B's staging folder, where an offline run's tables and images wait for `wandb sync` (not the home's)."""
+    return {"WANDB_DATA_DIR": str(tmp_path_factory.mktemp("wandb-data"))}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, mnist_dir, wandb_data):
     root = tmp_path_factory.mktemp("run")
-    cli("fit", "--config", TINY, "--data.data_dir", mnist_dir, "--trainer.max_steps", 20, "--trainer.log_every_n_steps", 5,
-        "--trainer.default_root_dir", root, *TINY_FID, *T100, "--fid.num_samples", 16, "--fid.floor", "true",
-        "--diagnostics.grad_every_n_steps", 10)
+    proc = cli("fit", "--config", TINY, "--data.data_dir", mnist_dir, "--trainer.max_steps", 20, "--trainer.log_every_n_steps", 5,
+               "--trainer.default_root_dir", root, *TINY_FID, *T100, "--fid.num_samples", 16, "--fid.floor", "true",
+               "--diagnostics.grad_every_n_steps", 10, env=wandb_data)
+    (root / "output.txt").write_text(proc.stdout + proc.stderr)  # what a user saw
     return root
 
 
@@ -74,7 +83,9 @@ def test_fit_logs_the_whole_config_grouped_by_recipe(fitted):
     assert summary == {"config_name": "tiny", "seed": 0, "precision": "32-true", "devices": 1, "num_nodes": 1,
                        "batch_size": 32, "accumulate_grad_batches": 1, "global_batch": 32, "lr": 1e-3,
                        "ema_decay": 0.99}
-    assert run["run"] == {"name": "tiny", "group": "tiny", "job_type": "fit"}
+    run_id = last_ckpt(fitted).parent.parent.name  # the run folder's name is the W&B run's id
+    assert {k: run["run"][k] for k in ("id", "name", "group", "job_type")} == {
+        "id": run_id, "name": f"tiny-{run_id}", "group": "tiny", "job_type": "fit"}
 
 
 def test_whole_config_reaches_csv_and_tensorboard_loggers(tmp_path, monkeypatch):
@@ -135,6 +146,98 @@ def test_fit_logs_fid_per_sampler_timestep_diagnostics_and_sample_grids(fitted):
     assert all(not v for k, v in ckpt["callbacks"].items() if "FIDEvaluation" in k)
 
 
+def test_fit_tags_the_run_and_puts_losses_and_fids_on_an_images_seen_axis(fitted):
+    run = read_run(fitted)
+    assert set(run["run"]["tags"]) == {"dataset:mnist", "objective:Objective", "prediction:eps", "unconditional",
+                                       "precision:32-true", "accelerator:cpu", "devices:1"}
+    for key in ("fid/ddpm100", "fid/ddim50"):
+        assert run["metrics"][key] == {"step_metric": "images_seen", "min": True}
+        assert set(run["summary"][key]) == {"min"}  # the run's best FID, not its last
+    assert run["metrics"]["train/loss"]["step_metric"] == "images_seen"
+    # Every training row and the evaluation's row carry the images seen by then: steps x 32 images.
+    losses = [r for r in run["history"] if "train/loss" in r]
+    assert [r["images_seen"] for r in losses] == [(r["trainer/global_step"] + 1) * 32 for r in losses]
+    (evaluation,) = [r for r in run["history"] if "fid/ddim10" in r]
+    assert evaluation["images_seen"] == 20 * 32
+
+
+def test_fit_writes_one_evaluation_table_row_per_sampler_with_its_samples(fitted):
+    run = read_run(fitted)
+    rows = table_rows(run, "evaluation/table")
+    (evaluation,) = [r for r in run["history"] if "fid/ddim10" in r]
+    assert [r["sampler"] for r in rows] == ["ddpm100", "ddim10", "ddim25", "ddim50"]
+    for row in rows:
+        assert row["training_run"] == run["run"]["id"] and row["stage"] == "fit"
+        assert (row["epoch"], row["step"], row["images_seen"]) == (0, 20, 640)
+        assert row["network_calls"] == row["steps"] and row["guidance"] is None and row["ema_length"] is None
+        assert row["fid"] == pytest.approx(evaluation[f"fid/{row['sampler']}"]) and row["seconds"] > 0
+        assert row["floor"] == pytest.approx(evaluation["fid/floor"])
+        # The sampler's own first 16 FID samples: a 4 x 4 grid of 28 px images with 2 px padding.
+        assert Image.open(row["samples"]).size == (4 * 30 + 2, 4 * 30 + 2)
+    chart = table_rows(run, "evaluation/fid_by_step_table")
+    assert {(r["step"], r["lineKey"]) for r in chart} == {(20.0, s) for s in ("ddpm100", "ddim10", "ddim25", "ddim50")}
+
+
+def test_fit_says_where_its_wandb_run_is_and_how_to_upload_it(fitted):
+    run = read_run(fitted)
+    output = (fitted / "output.txt").read_text()
+    (line,) = [x for x in output.splitlines() if x.startswith("W&B run ")]
+    assert line.startswith(f"W&B run tiny-{run['run']['id']} ({run['run']['id']}), offline")
+    command = re.search(r"`wandb sync (\S+)`", line)[1]
+    assert glob.glob(command) == [str(run["path"].parent)]  # the folder `wandb sync` uploads
+
+
+def test_every_wandb_sync_path_in_the_docs_matches_what_fit_writes(fitted):
+    # A path under runs/<config>/ (or Docker's /runs/<name>/, a --trainer.default_root_dir) is one under the
+    # fitted run's root, which is its default_root_dir.
+    run = read_run(fitted)
+    pages = [ROOT / "README.md", ROOT / "docker" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    found = []
+    for page in pages:
+        for path in re.findall(r"wandb sync (\S+?)[`'\s]", page.read_text().replace("<run id>", "<run_id>")):
+            pattern = re.sub(r"^/?runs/[^/]+/", f"{fitted}/", path).replace("<run_id>", run["run"]["id"])
+            pattern = re.sub(r"\b[0-9a-f]{8}\b", run["run"]["id"], pattern)  # the example line's made-up id
+            found.append((page.name, path))
+            assert glob.glob(pattern) == [str(run["path"].parent)], f"{page.name}: wandb sync {path}"
+    assert {name for name, _ in found} >= {"logging.md", "README.md"}  # docker/README.md is also a README.md
+
+
+@pytest.fixture(scope="module")
+def resumed(fitted, tmp_path_factory, mnist_dir, wandb_data):
+    """The fitted run continued from its last.ckpt to step 30 (in a copy, which the other tests do not read), with
+    checkpoint uploads asked for offline and the learning-rate monitor."""
+    root = tmp_path_factory.mktemp("resumed")
+    shutil.copytree(fitted, root, dirs_exist_ok=True)
+    proc = cli("fit", "--config", TINY, "--data.data_dir", mnist_dir, "--ckpt_path", last_ckpt(root), "--trainer.max_steps", 30,
+               "--trainer.log_every_n_steps", 5, "--trainer.default_root_dir", root, *TINY_FID, *T100,
+               "--fid.num_samples", 16, "--fid.floor", "true", "--diagnostics.grad_every_n_steps", 0,
+               "--sample_grids.every_n_epochs", 0, "--dashboard.log_checkpoints", "true",
+               "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor", env=wandb_data)
+    return root, proc.stdout + proc.stderr
+
+
+def test_a_resumed_fit_continues_the_same_run(resumed):
+    root, output = resumed
+    first, second = read_runs(root)  # W&B writes one offline folder per start, both of the one run id
+    run_id = first["run"]["id"]
+    assert second["run"]["id"] == run_id and second["run"]["name"] == f"tiny-{run_id}"
+    assert [p.name for p in root.glob("*/config.yaml")] == ["config.yaml"]  # one run folder
+    assert min(r["trainer/global_step"] for r in second["history"] if "train/loss" in r) == 24
+    # The recipes' LearningRateMonitor (added here to tiny's callbacks): both parameter groups' rate.
+    assert {"lr-AdamW/pg1", "lr-AdamW/pg2"} <= set().union(*second["history"])
+    rows = table_rows(second, "evaluation/table")
+    assert {(r["training_run"], r["step"], r["images_seen"]) for r in rows} == {(run_id, 30, 960)}
+    # The chart continues its history: each sampler's FID at steps 20 and 30.
+    chart = table_rows(second, "evaluation/fid_by_step_table")
+    assert sorted(r["step"] for r in chart if r["lineKey"] == "ddim10") == [20.0, 30.0]
+    # `wandb sync` of the printed path uploads both parts, in order.
+    command = re.search(r"`wandb sync (\S+)`", output)[1]
+    assert sorted(glob.glob(command)) == [str(first["path"].parent), str(second["path"].parent)]
+    # Offline, asking for checkpoint uploads says in one line how to get them, and uploads nothing.
+    assert output.count("dashboard.log_checkpoints: checkpoints are uploaded only when W&B runs online") == 1
+    assert not [a for a in second["artifacts"] if a["type"] == "model"]
+
+
 def test_sample_writes_a_reproducible_grid(fitted, tmp_path, cli_ok):
     ckpt = last_ckpt(fitted)
     common = ["sample", "--config", TINY, "--ckpt_path", ckpt, "--num_samples", 16, "--sampler", "ddim", "--eta", 1.0]
@@ -148,12 +251,12 @@ def test_sample_writes_a_reproducible_grid(fitted, tmp_path, cli_ok):
     assert npz.shape == (16, 28, 28, 1) and npz.dtype == np.uint8
 
 
-def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path, cli_ok):
+def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path, cli_ok, wandb_data):
     ckpt = last_ckpt(fitted)
     cli_ok("sample", "--config", TINY, "--ckpt_path", ckpt, "--num_samples", 4, "--sampler", "ddpm", "--out", tmp_path / "d.png")
     assert (tmp_path / "d.png").is_file()
     out = cli("test", "--config", TINY, "--data.data_dir", mnist_dir, "--ckpt_path", ckpt, "--trainer.limit_test_batches", 2,
-              "--trainer.default_root_dir", tmp_path, *TINY_FID, *T100[2:], "--fid.test_num_samples", 24)
+              "--trainer.default_root_dir", tmp_path, *TINY_FID, *T100[2:], "--fid.test_num_samples", 24, env=wandb_data)
     assert "test/loss" in out.stdout
     table = out.stdout[out.stdout.index("FID of 24 samples"):].splitlines()
     assert [line.split()[:2] for line in table[3:7]] == [["ddpm", "100"], ["ddim", "10"], ["ddim", "25"], ["ddim", "50"]]
@@ -170,6 +273,16 @@ def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path, c
     assert [r[:2] for r in logged["data"]] == [["ddpm", 100], ["ddim", 10], ["ddim", 25], ["ddim", 50],
                                                ["held-out data (24 images): the floor", None]]
     assert logged["data"][-1][2] == pytest.approx(floor, abs=0.01)
+    # The evaluation table's rows, each naming the run that trained the checkpoint, which the run's tags and
+    # config name too.
+    training = read_run(fitted)["run"]["id"]
+    rows = table_rows(run, "evaluation/table")
+    assert [r["sampler"] for r in rows] == ["ddpm100", "ddim10", "ddim25", "ddim50"]
+    assert all(r["training_run"] == training and r["stage"] == "test" for r in rows)
+    assert all((r["step"], r["images_seen"]) == (20, 640) for r in rows)  # where the checkpoint was trained to
+    assert all(r["floor"] == pytest.approx(floor, abs=0.01) and Image.open(r["samples"]) for r in rows)
+    assert f"trained_by:{training}" in run["run"]["tags"] and run["config"]["run/training_run"] == training
+    assert run["run"]["id"] != training
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,9 @@
 - ``TimestepDiagnostics``: training loss and gradient norm per timestep bucket, total gradient norm;
 - ``Throughput``: images per second, step time, peak GPU memory;
 - ``DistillationRounds``: the rounds of a progressive distillation, each with its checkpoint, FID and grid;
-- ``ConsistencyTuningRun``: a consistency tuning's start from its teacher and its stage of the gap schedule.
+- ``ConsistencyTuningRun``: a consistency tuning's start from its teacher and its stage of the gap schedule;
+- ``WandbDashboard``: the W&B run's tags, images-seen axis and evaluation table (the FID callback's rows),
+  checkpoints as artifacts.
 
 One file per callback, as Lightning lays out its own; ``common`` holds what they share. Each works on DDP:
 the work is split across ranks, every collective is called by every rank, and only rank 0 writes files (the
@@ -19,6 +21,7 @@ from diffusion.callbacks.common import (
     DEFAULT_SAMPLERS, labelled_rows, log_image, log_line_chart, log_metrics, log_step, run_dir, sampling_module, to_pil,
 )
 from diffusion.callbacks.consistency import ConsistencyTuningRun
+from diffusion.callbacks.dashboard import WandbDashboard
 from diffusion.callbacks.diagnostics import TimestepDiagnostics
 from diffusion.callbacks.distill import DistillationRounds
 from diffusion.callbacks.fid import FIDEvaluation, format_table
@@ -26,6 +29,7 @@ from diffusion.callbacks.sample_grids import SampleGrids
 from diffusion.callbacks.throughput import Throughput
 
 __all__ = [
-    "ConsistencyTuningRun", "DEFAULT_SAMPLERS", "DistillationRounds", "FIDEvaluation", "SampleGrids", "Throughput", "TimestepDiagnostics", "format_table",
-    "labelled_rows", "log_image", "log_line_chart", "log_metrics", "log_step", "run_dir", "sampling_module", "to_pil",
+    "ConsistencyTuningRun", "DEFAULT_SAMPLERS", "DistillationRounds", "FIDEvaluation", "SampleGrids", "Throughput",
+    "TimestepDiagnostics", "WandbDashboard", "format_table", "labelled_rows", "log_image", "log_line_chart",
+    "log_metrics", "log_step", "run_dir", "sampling_module", "to_pil",
 ]

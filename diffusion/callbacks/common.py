@@ -44,6 +44,14 @@ def log_step(trainer: Trainer) -> int:
     return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
+def images_seen(trainer: Trainer, step: Optional[int] = None) -> int:
+    """Training images seen by ``step`` (default: now): optimizer steps x the global batch (per-device batch x
+    devices x accumulated batches), the x-axis on which runs of other batch sizes or device counts compare."""
+    batch = int(getattr(trainer.datamodule, "batch_size", 0) or 0)
+    step = trainer.global_step if step is None else step
+    return step * batch * trainer.world_size * trainer.accumulate_grad_batches
+
+
 def log_metrics(trainer: Trainer, metrics: dict[str, Any]) -> None:
     """Straight to the loggers (``self.log`` would drop values between its logging steps)."""
     for logger in trainer.loggers:

@@ -19,6 +19,7 @@ from diffusion import evaluation as ev
 from diffusion.callbacks.common import (
     DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, log_line_chart, log_step, run_dir, sampling_module,
 )
+from diffusion.callbacks.dashboard import dashboard_of
 from diffusion.errors import ConfigError
 from diffusion.phema import PostHocEMA, rebuild, sigma_rel_to_gamma
 from diffusion.progress import progress_bars
@@ -102,6 +103,11 @@ class FIDEvaluation(ValidateAtLastStep):
         self._scorer_settings: Optional[tuple] = None
         self.last_results: dict[str, dict[str, Any]] = {}  # spec key -> FIDScorer.score's fields, images left out
 
+    def metric_keys(self) -> list[str]:
+        """The keys of the FIDs this callback logs, ``fid/<key>`` and ``test/fid/<key>``."""
+        keys = [s.key for s in self.specs] + [f"{s.key}_ema{x:g}" for x in self.ema_lengths for s in self.specs]
+        return list(dict.fromkeys(keys + [s.key for s in self.test_specs]))
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         T = pl_module.schedule.num_timesteps
         ev.parse_samplers([s.text for s in self.specs], T)
@@ -145,23 +151,33 @@ class FIDEvaluation(ValidateAtLastStep):
         return self._scorer.prepare(trainer.datamodule, device, self.limited("num_real", device), progress_bars(trainer))
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, specs, num_samples: int) -> dict[str, dict]:
+        """Each sampler's ``FIDScorer.score`` fields, with the first samples (those the dashboard's table shows)
+        as ``images``."""
         module = sampling_module(trainer, pl_module)
         scorer = self.scorer(trainer, pl_module)
         results = {}
         bars = progress_bars(trainer)
+        dashboard = dashboard_of(trainer)
+        shown = dashboard.table_images if dashboard is not None else 0
         for spec in specs:
             r = scorer.score(module, spec, num_samples, precision=trainer.precision_plugin.forward_context,
-                             progress=bars, keep=None if self.save_samples else 0)
+                             progress=bars, keep=None if self.save_samples else shown)
             images, indices = r.pop("images"), r.pop("indices")
             if self.save_samples:
                 stage = getattr(trainer.state.stage, "value", "eval")
                 path = run_dir(trainer) / "fid_samples" / f"{stage}-step{trainer.global_step}-{spec.key}-rank{ev.dist_info()[0]}.npz"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 np.savez_compressed(path, images=ev.to_fid_uint8(images)[:, : images.shape[1]].numpy(), indices=np.asarray(indices))
-            results[spec.key] = r
+            results[spec.key] = {**r, "images": images[:shown]}
             rank_zero_info(f"FID {spec.key}: {r['fid']:.2f} ({num_samples} samples, {r['seconds']:.1f} s sampling)")
-        self.last_results = results
+        self.last_results = without_images(results)
         return results
+
+    @staticmethod
+    def to_dashboard(trainer: Trainer, results: dict[str, dict], floor: Optional[float]) -> None:
+        dashboard = dashboard_of(trainer)
+        if dashboard is not None:
+            dashboard.log_evaluation(trainer, list(results.values()), floor)
 
     def floor_fid(self, trainer: Trainer, pl_module: LightningModule, num: int) -> tuple[float, int]:
         """The held-out split's FID against the training statistics, for ``num`` images (at most the split):
@@ -175,6 +191,7 @@ class FIDEvaluation(ValidateAtLastStep):
         for key, r in results.items():
             pl_module.log(f"fid/{key}", r["fid"], sync_dist=True)  # the same on every rank; the mean keeps it
             pl_module.log(f"fid_seconds/{key}", r["seconds"], sync_dist=True)
+        floor = None
         if self.floor:
             floor, n_floor = self.floor_fid(trainer, pl_module, self.limited("num_samples", pl_module.device))
             pl_module.log("fid/floor", floor, sync_dist=True)
@@ -195,7 +212,8 @@ class FIDEvaluation(ValidateAtLastStep):
         if any(len(xs) > 1 for xs, _ in sweeps.values()):
             log_line_chart(trainer, "fid/vs_guidance", "FID against the guidance scale w", "w", sweeps)
         if self.ema_lengths:
-            self.evaluate_ema_lengths(trainer, pl_module)
+            results = {**results, **self.evaluate_ema_lengths(trainer, pl_module)}
+        self.to_dashboard(trainer, results, floor)
 
     def evaluate_ema_lengths(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, dict]:
         """Each sampler at each of ``ema_lengths``, the weights rebuilt from the live PostHocEMA profiles and
@@ -220,7 +238,7 @@ class FIDEvaluation(ValidateAtLastStep):
                     results[f"{key}_ema{length:g}"] = {**r, "ema_length": length}
         finally:
             module.load_state_dict(own)
-            self.last_results = {**fixed_ema, **results}
+            self.last_results = {**fixed_ema, **without_images(results)}
         for key, r in results.items():
             pl_module.log(f"fid/{key}", r["fid"], sync_dist=True)
         return results
@@ -240,6 +258,7 @@ class FIDEvaluation(ValidateAtLastStep):
             pl_module.log(f"test/fid/{key}", r["fid"], sync_dist=True)
             pl_module.log(f"test/fid_seconds/{key}", r["seconds"], sync_dist=True)
             pl_module.log(f"test/images_per_second/{key}", r["images_per_second"], sync_dist=True)
+        self.to_dashboard(trainer, results, floor)
         columns = ["sampler", "steps", "guidance", "FID", "seconds", "images/s"]
         if all(r["guidance"] is None for r in results.values()):  # an unconditional model: no guidance column
             columns, rows = columns[:2] + columns[3:], [row[:2] + row[3:] for row in rows]
@@ -249,6 +268,10 @@ class FIDEvaluation(ValidateAtLastStep):
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_table("test/fid_table", columns=columns, data=rows, step=log_step(trainer))
+
+
+def without_images(results: dict[str, dict]) -> dict[str, dict]:
+    return {key: {k: v for k, v in r.items() if k != "images"} for key, r in results.items()}
 
 
 def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str) -> str:
