@@ -31,7 +31,8 @@ def run_tags(trainer, pl_module) -> list[str]:
     """What a run is, as W&B tags to filter by, read from the running objects (resolved: ``devices: auto`` on
     4 GPUs is ``devices:4``)."""
     objective = getattr(pl_module, "objective", None)
-    distills = type(objective).__name__ == "ProgressiveDistillation"
+    # A few-step student of a teacher, whichever way (``ConsistencyTuning`` is one too).
+    distills = type(objective).__name__ in ("ProgressiveDistillation", "ConsistencyTuning")
     dataset = getattr(getattr(trainer, "datamodule", None), "dataset", None)
     accelerator = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
     tags = [

@@ -66,6 +66,8 @@ def test_tags_say_what_a_run_is():
     assert run_tags(trainer, student) == ["dataset:cifar10", "objective:ProgressiveDistillation", "prediction:v",
                                           "conditional", "distillation", "precision:bf16-mixed", "accelerator:cuda",
                                           "devices:8"]
+    student.objective = type("ConsistencyTuning", (), {"prediction": "edm"})()
+    assert "distillation" in run_tags(trainer, student)
 
 
 def test_the_sync_line_names_a_path_that_works_from_where_the_run_was_started(tmp_path, monkeypatch):
