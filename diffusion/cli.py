@@ -34,7 +34,7 @@ from diffusion.checkpoint_io import storage_error
 from diffusion.data import DiffusionDataModule
 from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, refuse_old_layout
 from diffusion.dashboard import run_name
-from diffusion.objective import SCHEDULE_ARGS
+from diffusion.objective import SCHEDULE_ARGS, edm_preconditioned
 from diffusion.samplers import slerp
 from diffusion.errors import CheckpointError, ConfigError, find_user_error
 from diffusion.progress import StepProgress, close_open_bars, progress_bars
@@ -342,7 +342,8 @@ class DiffusionCLI(LightningCLI):
     def _inherit_from_teacher(self, config: Namespace) -> None:
         """A distillation's (or a consistency tuning's) student is its teacher's network on its teacher's schedule
         (and preconditioning): both are read from the teacher's checkpoint, so that one config distils any teacher;
-        config values that differ are replaced, with one warning. A missing or unreadable teacher is left to DistillationRounds, which says what is wrong."""
+        config values that differ are replaced, with one warning. A missing or unreadable teacher is left to the
+        glue (DistillationRounds, ConsistencyTuningRun), which says what is wrong."""
         objective = config.model.init_args.get("objective")
         kind = str(objective.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(objective, Namespace) else ""
         if kind not in ("ProgressiveDistillation", "ConsistencyTuning"):
@@ -364,8 +365,7 @@ class DiffusionCLI(LightningCLI):
                 changed.append("net")
         theirs = (hparams.get("objective") or {}).get("init_args") or {}
         # A student of an EDM teacher keeps its preconditioning (sigma_data), a distilled one its parameterization.
-        edm = str((hparams.get("objective") or {}).get("class_path", "")).endswith("EDMObjective") \
-            or theirs.get("prediction") == "edm"  # an EDM teacher, or a student distilled from one
+        edm = edm_preconditioned(hparams.get("objective") or {})
         inherited = {k: theirs[k] for k in (*SCHEDULE_ARGS, *(("sigma_data",) if edm else ())) if k in theirs}
         if kind == "ProgressiveDistillation" and edm:
             inherited["prediction"] = "edm"

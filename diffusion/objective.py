@@ -28,6 +28,13 @@ EDM_ARGS = (*SCHEDULE_ARGS, "sigma_data", "p_mean", "p_std", "label_dropout")
 NetCall = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
 
 
+def edm_preconditioned(recorded: dict) -> bool:
+    """Whether a checkpoint's recorded objective (``{"class_path", "init_args"}``) reads its network through EDM's
+    preconditioning: an ``EDMObjective``, or a student distilled from one (``prediction: edm``)."""
+    init = recorded.get("init_args") or {}
+    return str(recorded.get("class_path", "")).endswith("EDMObjective") or init.get("prediction") == "edm"
+
+
 class Objective(nn.Module):
     """A Gaussian diffusion (Ho et al. 2020) trained with the simple MSE loss on uniformly drawn timesteps.
 
@@ -345,7 +352,7 @@ class ProgressiveDistillation(Objective):
         sigma_data: float = 0.5,
         label_dropout: float = 0.1,
     ) -> None:
-        edm = prediction == "edm"
+        edm = prediction == "edm"  # not a target the schedule knows: the parameterization below reads it
         super().__init__(schedule, num_timesteps, beta_start, beta_end, "v" if edm else prediction,
                          label_dropout=label_dropout)
         self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__", "edm")}

@@ -21,7 +21,9 @@ from diffusion.callbacks.common import (
 from diffusion.callbacks.fid import FIDEvaluation
 from diffusion.ema import EMA
 from diffusion.errors import CheckpointError, ConfigError
-from diffusion.objective import EDM_ARGS, SCHEDULE_ARGS, EDMObjective, Objective, ProgressiveDistillation
+from diffusion.objective import (
+    EDM_ARGS, SCHEDULE_ARGS, EDMObjective, Objective, ProgressiveDistillation, edm_preconditioned,
+)
 from diffusion.progress import progress_bars
 from diffusion.runs import read_checkpoint, state_dict_mismatch
 
@@ -55,12 +57,12 @@ def read_teacher(path: str, student_args: dict, pl_module: LightningModule) -> t
         )
     classes, ours = int(net.get("num_classes") or 0), int(getattr(student, "num_classes", 0) or 0)
     if classes != ours:
-        fix = (f"set --model.init_args.net.init_args.num_classes {classes}" if classes else
-               "set --model.init_args.net.init_args.num_classes 0")
+        def kind(n: int) -> str:
+            return f"class-conditional ({n} classes)" if n else "unconditional"
+
         raise ConfigError(
-            f"The teacher {path} is {'class-conditional (' + str(classes) + ' classes)' if classes else 'unconditional'}, "
-            f"the student's net is {'class-conditional (' + str(ours) + ' classes)' if ours else 'unconditional'}: {fix} "
-            "(a student learns the teacher's own model)."
+            f"The teacher {path} is {kind(classes)}, the student's net is {kind(ours)}: set "
+            f"--model.init_args.net.init_args.num_classes {classes} (a student learns the teacher's own model)."
         )
     return checkpoint, str(recorded.get("class_path", "")), init
 
@@ -152,7 +154,7 @@ class DistillationRounds(Callback):
 
     def load_first_teacher(self, pl_module: LightningModule, objective: ProgressiveDistillation) -> LightningModule:
         checkpoint, class_path, init = read_teacher(objective.teacher, objective.init_args, pl_module)
-        edm = class_path.endswith("EDMObjective") or init.get("prediction") == "edm"  # or a student of one
+        edm = edm_preconditioned({"class_path": class_path, "init_args": init})
         if edm != (objective.prediction == "edm") or (edm and init.get("sigma_data", 0.5) != objective.init_args["sigma_data"]):
             # The student starts as its teacher: it must read the same weights the same way (EDM's F is about -v,
             # so an EDM network read as a v-predictor starts with its sign wrong).
