@@ -31,6 +31,7 @@ from diffusion.callbacks.dashboard import WandbDashboard, dashboard_of
 from diffusion.callbacks.distill import DistillationRounds
 from diffusion.callbacks.final_checkpoint import FinalCheckpoint
 from diffusion.checkpoint_io import storage_error
+from diffusion.checks import check, check_options
 from diffusion.data import DiffusionDataModule
 from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, refuse_old_layout
 from diffusion.dashboard import run_name
@@ -260,6 +261,7 @@ class DiffusionCLI(LightningCLI):
         checkpoint's ``state_dict`` (its fixed EMA) over them."""
         from diffusion.phema import rebuild
 
+        check("sigma_rel", ema_length, "--ema_length")
         kwargs = self._prepare_subcommand_kwargs("test")
         if not kwargs.get("ckpt_path"):
             raise ConfigError("test --ema_length needs --ckpt_path, the checkpoint whose post-hoc EMA profiles to rebuild.")
@@ -435,8 +437,10 @@ class DiffusionCLI(LightningCLI):
             ema_length: sample from the post-hoc EMA of this length (sigma_rel, a fraction of the training length,
                 e.g. 0.08) rebuilt from the checkpoint's PostHocEMA profiles, instead of its fixed EMA.
         """
-        if num_samples < 1 or batch_size < 1:
-            raise ConfigError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}.")
+        # Before the checkpoint is read: a NaN guidance would otherwise sample a grid of black images.
+        check_options("--", num_samples=num_samples, batch_size=batch_size, seed=seed, eta=eta, guidance=guidance,
+                      class_label=class_label)
+        check("sigma_rel", ema_length, "--ema_length")
         out = check_output_path(out)
         checkpoint = load_weights(model, ckpt_path)
         model.check_sampling(sampler, steps)

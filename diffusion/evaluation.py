@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from diffusion.checks import check
 from diffusion.errors import ConfigError
 from diffusion.fid_stats import (  # noqa: F401  (re-exported: ``ev.X`` for the low-level names too)
     CACHE_ENV, CPU_FEATURE_CHUNK, REAL_STATES, WEIGHTS_ENV, class_labels, dataset_fingerprint, default_cache_dir,
@@ -55,10 +56,9 @@ class SamplerSpec:
                 f"Bad sampler {text!r}: write a sampler name and its steps, e.g. 'ddim25' or 'ddpm1000', and for a "
                 f"class-conditional model optionally a guidance scale, e.g. 'ddim25@w2' (samplers: {', '.join(SAMPLERS)})."
             )
-        steps = int(match["steps"])
-        if steps < 1:
-            raise ConfigError(f"Bad sampler {text!r}: the number of steps must be positive.")
-        guidance = float(match["guidance"]) if match["guidance"] is not None else None
+        steps = check("steps", int(match["steps"]), f"The steps of sampler {text!r}")
+        guidance = match["guidance"]
+        guidance = check("guidance", float(guidance), f"The guidance of sampler {text!r}") if guidance else None
         return cls(match["name"], steps, guidance)
 
     @property

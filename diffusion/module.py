@@ -28,6 +28,7 @@ from diffusion.evaluation import derive_seed
 from diffusion.objective import Objective, ProgressiveDistillation
 from diffusion.optim import Optimization
 from diffusion.runs import state_dict_mismatch
+from diffusion.checks import check, check_options
 from diffusion.samplers import SamplingDefaults, ddim_sample, get_sampler, sampler_timesteps
 from diffusion.speed import FastNet, SpeedSwitches
 from diffusion.unet import UNet
@@ -258,6 +259,7 @@ class DiffusionModel(LightningModule):
         ``options`` go to the sampler (``clip_x0``, ``eta``, ``progress``: e.g. ``tqdm``, one item per network call).
         """
         # None means "not given": 0 steps must reach make_timesteps and be refused there, not become the default.
+        check_options(eta=eta, seed=seed, **({"num_samples": num_samples} if x_T is None else {}))
         sampler = self.sampling.sampler if sampler is None else sampler
         fn = get_sampler(sampler)
         T = self.objective.num_timesteps
@@ -319,7 +321,7 @@ class DiffusionModel(LightningModule):
     def denoiser(self, labels: Optional[Tensor] = None, guidance: Optional[float] = None):
         """``denoiser(x_t, t) -> eps`` for the samplers, with classifier-free guidance (see ``Objective.denoiser``),
         through the network in its dtype (outside autocast: bf16-true) and speed switches."""
-        w = self.sampling.guidance if guidance is None else guidance
+        w = check("guidance", self.sampling.guidance if guidance is None else guidance)
         dtype = next(self.net.parameters()).dtype
         return self.objective.denoiser(self.fast.for_sampling(self.device), labels, w, getattr(self.net, "null_label", None), dtype)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion.checks import check_options
 from diffusion.errors import ConfigError
 from diffusion.samplers import Denoiser, make_timesteps, predict_x0
 from diffusion.schedule import NoiseSchedule, check_prediction
@@ -241,13 +242,7 @@ class EDMObjective(Objective):
     ) -> None:
         super().__init__(schedule, num_timesteps, beta_start, beta_end, label_dropout=label_dropout)
         self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        if not sigma_data > 0:
-            raise ConfigError(
-                f"sigma_data must be positive, got {sigma_data}: the RMS of the training images in [-1, 1] (0.5 for "
-                "CIFAR-10 in EDM, 0.96 for MNIST)."
-            )
-        if not p_std > 0:
-            raise ConfigError(f"p_std must be positive, got {p_std} (EDM uses p_mean -1.2 and p_std 1.2).")
+        check_options(sigma_data=sigma_data, p_mean=p_mean, p_std=p_std)
         self.prediction = "edm"  # the network's output is F, read only through this class's conversions
         self.sigma_data, self.p_mean, self.p_std = float(sigma_data), float(p_mean), float(p_std)
 

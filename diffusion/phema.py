@@ -22,10 +22,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from diffusion.checks import MAX_SIGMA_REL, check
 from diffusion.errors import CheckpointError, ConfigError
 
-# sigma_rel of gamma = 0, the uniform average of all of training: the longest profile with gamma >= 0.
-MAX_SIGMA_REL = math.sqrt(1 / 12)
 # Relative L2 error of a rebuilt profile above which rebuild() refuses. Measured with the defaults (profiles 0.05
 # and 0.10, 8 to 16 snapshots, 2,000 to 100k steps): below 1% between the two saved lengths, 1-4% at 0.04 and
 # 0.15, 7-25% at 0.02 or 0.25, 12-50% at 0.01. 5% sits between the fits that follow the saved profiles and
@@ -42,12 +41,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent gamma > 0 whose profile has relative length ``sigma_rel``: the largest real root of
     sigma_rel^2 (gamma+2)^2 (gamma+3) - (gamma+1) = 0 (0.10 -> 6.94, 0.05 -> 16.97)."""
-    sigma_rel = float(sigma_rel)
-    if not 0 < sigma_rel < MAX_SIGMA_REL:  # also NaN
-        raise ConfigError(
-            f"EMA length sigma_rel must be in (0, {MAX_SIGMA_REL:.4f}) (a fraction of the training length; "
-            f"{MAX_SIGMA_REL:.4f} is the plain average of all steps), got {sigma_rel}: EDM2 uses 0.05 to 0.15."
-        )
+    sigma_rel = float(check("sigma_rel", sigma_rel, "EMA length sigma_rel"))
     s2 = sigma_rel**2
     # s2 (g^3 + 7 g^2 + 16 g + 12) - g - 1 = 0
     roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])

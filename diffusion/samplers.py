@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from diffusion.checks import check, check_options
 from diffusion.schedule import NoiseSchedule
 from diffusion.errors import ConfigError
 
@@ -57,8 +58,7 @@ def karras_timesteps(schedule: NoiseSchedule, steps: int, rho: float = 7.0) -> T
     largest sigma to its smallest (t = T-1 to t = 0); rho = 7 spends most steps at low noise."""
     if steps < 1:
         raise ConfigError(f"steps must be positive, got {steps}.")
-    if rho <= 0:
-        raise ConfigError(f"rho must be positive, got {rho} (EDM uses 7).")
+    check("rho", rho)
     hi, lo = schedule.sigma_max ** (1 / rho), schedule.sigma_min ** (1 / rho)
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
     t = schedule.t_at_sigma((hi + ramp * (lo - hi)) ** rho).double()
@@ -165,8 +165,7 @@ def ddim_sample(
     ``eta=0`` is the deterministic sampler; ``eta=1`` adds noise of variance beta-tilde between the visited
     timesteps, i.e. DDPM's ancestral step on that sub-sequence.
     """
-    if eta < 0:
-        raise ConfigError(f"eta must be >= 0, got {eta}.")
+    check("eta", eta)
     ts = _check_timesteps(schedule, timesteps, fractional=True)
     x = x_T.float()
     for i, t in enumerate(_steps(ts, progress)):
@@ -351,8 +350,7 @@ class SamplingDefaults:
 
     def __post_init__(self) -> None:
         get_sampler(self.sampler)
-        if self.steps < 1:
-            raise ConfigError(f"sampling.steps must be positive, got {self.steps}.")
+        check_options("sampling.", steps=self.steps, eta=self.eta, guidance=self.guidance)
 
 
 def slerp(a: Tensor, b: Tensor, weights: Sequence[float] | Tensor) -> Tensor:
