@@ -266,7 +266,7 @@ class DiffusionCLI(LightningCLI):
         if not kwargs.get("ckpt_path"):
             raise ConfigError("test --ema_length needs --ckpt_path, the checkpoint whose post-hoc EMA profiles to rebuild.")
         checkpoint = load_weights(self.model, kwargs["ckpt_path"])
-        self.model.load_state_dict(rebuild(checkpoint, ema_length))
+        self.model.load_state_dict(rebuild(checkpoint, ema_length, source=str(kwargs["ckpt_path"])))
         self.trainer.test(**{**kwargs, "ckpt_path": None})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -447,7 +447,7 @@ class DiffusionCLI(LightningCLI):
         if ema_length is not None:
             from diffusion.phema import rebuild
 
-            model.load_state_dict(rebuild(checkpoint, ema_length))
+            model.load_state_dict(rebuild(checkpoint, ema_length, source=str(ckpt_path)))
         num_classes = model.num_classes
         nrow = None
         if class_label is not None:

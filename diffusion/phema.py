@@ -245,16 +245,55 @@ def rebuildable_range(state: dict[str, Any], step: Optional[int] = None, thresho
     return (float(min(good)), float(max(good))) if good else None
 
 
-def rebuild(checkpoint: dict[str, Any], sigma_rel: float, step: Optional[int] = None) -> dict[str, Tensor]:
+def profile_damage(state: dict[str, Any], weights: dict[str, Tensor]) -> Optional[str]:
+    """What is wrong with a checkpoint's PostHocEMA state against its ``state_dict`` ``weights``, or None: missing
+    fields, a profile per gamma, each with the weights' floating keys and shapes, and finite values. Checked before
+    a rebuild, which would otherwise end in a KeyError or a shape error, or silently give NaN weights."""
+    missing = [k for k in ("sigma_rels", "gammas", "step", "averages", "snapshots") if k not in state]
+    if missing:
+        return f"no {', '.join(missing)}"
+    expected = {k: tuple(v.shape) for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point()}
+    entries = [(f"snapshot of step {s.get('step', '?')}", s.get("state")) for s in state["snapshots"]]
+    entries.append((f"averages of step {state['step']}", state["averages"]))
+    for where, profiles in entries:
+        if not isinstance(profiles, (list, tuple)) or len(profiles) != len(state["gammas"]):
+            return f"the {where} does not hold one profile per sigma_rel {state['sigma_rels']}"
+        for sigma_rel, profile in zip(state["sigma_rels"], profiles):
+            at = f"the {where}, profile {sigma_rel:g}"
+            if not isinstance(profile, dict):
+                return f"{at} is not a state dict"
+            absent, extra = sorted(set(expected) - set(profile)), sorted(set(profile) - set(expected))
+            if absent or extra:
+                return f"{at} " + (f"lacks {absent[0]}" if absent else f"has {extra[0]}, which the weights do not")
+            for key, shape in expected.items():
+                value = profile[key]
+                if not torch.is_tensor(value) or tuple(value.shape) != shape:
+                    got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                    return f"{at}: {key} is {got}, the weights' {shape}"
+                if not bool(torch.isfinite(value).all()):
+                    return f"{at}: {key} holds NaN or infinite values"
+    return None
+
+
+def rebuild(checkpoint: dict[str, Any], sigma_rel: float, step: Optional[int] = None,
+            source: Optional[str] = None) -> dict[str, Tensor]:
     """The model's state_dict (the checkpoint's ``state_dict`` keys, for ``DiffusionModel.load_state_dict``) of the
     post-hoc EMA of length ``sigma_rel`` at ``step`` (default: the checkpoint's last step). Tensors that are not
-    averaged (integer buffers) come from the checkpoint's ``state_dict``."""
+    averaged (integer buffers) come from the checkpoint's ``state_dict``. ``source`` names the checkpoint (its
+    path) in the errors."""
     gamma = sigma_rel_to_gamma(sigma_rel)
     state = saved_profiles(checkpoint)
+    name = source or "This checkpoint"
     if state is None:
         raise CheckpointError(
-            "This checkpoint was trained without the PostHocEMA callback: add it to the config's callbacks and "
+            f"{name} was trained without the PostHocEMA callback: add it to the config's callbacks and "
             "retrain, or sample without --ema_length to use its fixed EMA."
+        )
+    damage = profile_damage(state, checkpoint.get("state_dict") or {})
+    if damage:
+        raise CheckpointError(
+            f"{name} has damaged post-hoc EMA profiles ({damage}): rebuild from another checkpoint of the run "
+            "(its checkpoints/ folder), or leave --ema_length out to use the checkpoint's fixed EMA."
         )
     last = int(state["step"])
     step = last if step is None else int(step)

@@ -166,6 +166,44 @@ def test_a_checkpoint_without_profiles_or_a_step_outside_them_says_so():
     assert "steps 20 to 20" in one_line(e)
 
 
+def _damage_shape(c):
+    c["callbacks"]["PostHocEMA"]["snapshots"][1]["state"][0]["weight"] = torch.zeros(5)
+
+
+def _damage_key(c):
+    del c["callbacks"]["PostHocEMA"]["averages"][1]["bias"]
+
+
+def _damage_nan(c):
+    c["callbacks"]["PostHocEMA"]["snapshots"][0]["state"][1]["bias"][0] = float("nan")
+
+
+def _damage_profiles(c):
+    c["callbacks"]["PostHocEMA"]["snapshots"][2]["state"].pop()
+
+
+def _damage_field(c):
+    del c["callbacks"]["PostHocEMA"]["gammas"]
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (_damage_shape, "the snapshot of step 20, profile 0.05: weight is (5,), the weights' (2, 3)"),
+    (_damage_key, "the averages of step 40, profile 0.1 lacks bias"),
+    (_damage_nan, "the snapshot of step 10, profile 0.1: bias holds NaN or infinite values"),
+    (_damage_profiles, "the snapshot of step 30 does not hold one profile per sigma_rel"),
+    (_damage_field, "no gammas"),
+])
+def test_damaged_snapshots_are_refused_in_one_line_naming_the_checkpoint(damage, expected):
+    checkpoint, _ = phema_checkpoint(steps=40, snapshot_every_n_steps=10)
+    rebuild(checkpoint, 0.07)  # whole, it rebuilds
+    damage(checkpoint)
+    with pytest.raises(CheckpointError) as e:
+        rebuild(checkpoint, 0.07, source="runs/x/last.ckpt")
+    line = one_line(e)
+    assert line.startswith("runs/x/last.ckpt has damaged post-hoc EMA profiles (") and expected in line, line
+    assert "leave --ema_length out" in line
+
+
 def test_resuming_with_other_lengths_is_refused():
     checkpoint, _ = phema_checkpoint(steps=10)
     other = PostHocEMA(sigma_rels=(0.05, 0.2))
