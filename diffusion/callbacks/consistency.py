@@ -6,12 +6,15 @@ checkpoints sample with the multistep consistency sampler. Inert unless the mode
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from diffusion.callbacks.distill import DistillationRounds, load_teacher_weights, read_teacher
+from diffusion.callbacks.distill import (
+    DistillationRounds, check_teacher_fingerprint, load_teacher_weights, read_teacher, teacher_fingerprint,
+)
 from diffusion.consistency import ConsistencyTuning
 from diffusion.ema import EMA
 from diffusion.errors import ConfigError
@@ -22,11 +25,14 @@ class ConsistencyTuningRun(Callback):
     """Starts a consistency tuning from its teacher and keeps the loss's stage in step with the optimizer.
 
     A resumed run takes its weights from its own checkpoint, not from the teacher, and its stage from the step, so
-    it continues exactly. The student's checkpoints sample with ``consistency`` at ``sampling_steps`` without flags.
+    it continues exactly; it needs no teacher then, but one it is given (a moved teacher's new path) must be the
+    weights it started from (their fingerprint, kept in the checkpoint). The student's checkpoints sample with
+    ``consistency`` at ``sampling_steps`` without flags.
     """
 
     def __init__(self) -> None:
         self._started = False  # restored from a checkpoint: the student is past its teacher
+        self._fingerprint: Optional[str] = None  # of the teacher's weights
 
     @staticmethod
     def objective(pl_module: LightningModule) -> Optional[ConsistencyTuning]:
@@ -34,10 +40,11 @@ class ConsistencyTuningRun(Callback):
         return objective if isinstance(objective, ConsistencyTuning) else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"started": True}
+        return {"started": True, "teacher_fingerprint": self._fingerprint}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._started = bool(state_dict.get("started"))
+        self._fingerprint = state_dict.get("teacher_fingerprint")
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         objective = self.objective(pl_module)
@@ -54,10 +61,17 @@ class ConsistencyTuningRun(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         objective = self.objective(pl_module)
-        if objective is None or self._started:
+        if objective is None:
             return
         path = objective.teacher
+        if self._started:
+            # Resumed: the weights are the checkpoint's. A teacher that is still (or again) at its path is checked,
+            # so that new checkpoints do not record another teacher's path; a gone one is not needed.
+            if self._fingerprint is not None and Path(path).is_file():
+                check_teacher_fingerprint(path, read_teacher(path, objective.init_args, pl_module)[0], self._fingerprint)
+            return
         checkpoint, class_path, init = read_teacher(path, objective.init_args, pl_module)
+        self._fingerprint = teacher_fingerprint(checkpoint)
         if not class_path.endswith("EDMObjective"):
             raise ConfigError(
                 f"The teacher {path} was trained with {class_path.rsplit('.', 1)[-1] or 'no known objective'}; consistency "

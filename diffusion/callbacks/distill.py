@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from diffusion import evaluation as ev
 from diffusion.callbacks.common import (
@@ -67,6 +68,46 @@ def read_teacher(path: str, student_args: dict, pl_module: LightningModule) -> t
     return checkpoint, str(recorded.get("class_path", "")), init
 
 
+TEACHER_FLAG = "--model.init_args.objective.init_args.teacher"
+
+
+def teacher_fingerprint(checkpoint: dict) -> str:
+    """A hash of a teacher checkpoint's weights (its ``state_dict``: keys, dtypes, shapes and bytes), kept in the
+    student's checkpoints in place of trusting the path: a resumed student may find its teacher moved (the same
+    weights) or overwritten (another teacher). Hashing the ~1 MB of the CPU recipe's weights takes milliseconds."""
+    digest = hashlib.sha256()
+    for key in sorted(checkpoint["state_dict"]):
+        value = checkpoint["state_dict"][key]
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
+        # As bytes (uint8), which numpy takes for any dtype, bf16 included.
+        digest.update(value.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_teacher_fingerprint(path: str, checkpoint: dict, saved: Optional[str]) -> str:
+    """The fingerprint of the teacher at ``path``, after checking it against the one a resumed student's checkpoint
+    kept (``saved``; None in checkpoints written before fingerprints: the path is then taken on trust, with a
+    warning): another teacher is refused in one line."""
+    fingerprint = teacher_fingerprint(checkpoint)
+    if saved is None:
+        rank_zero_warn(f"The checkpoint being resumed keeps no fingerprint of its teacher (it predates them): {path} "
+                       "is taken to be the teacher it started from.", category=UserWarning)
+    elif fingerprint != saved:
+        raise ConfigError(
+            f"The teacher {path} is not the teacher this run started from (weights' fingerprint {fingerprint}, the "
+            f"checkpoint's {saved}): pass the original teacher's checkpoint with {TEACHER_FLAG}, or start a new run "
+            "without --ckpt_path."
+        )
+    return fingerprint
+
+
+def resumed_teacher_missing(path: str) -> CheckpointError:
+    return CheckpointError(
+        f"The teacher {path} of the run being resumed is not there: pass where it is now with {TEACHER_FLAG} NEW_PATH "
+        "(it is checked to be the same weights)."
+    )
+
+
 def load_teacher_weights(module: LightningModule, checkpoint: dict, path: str) -> None:
     """The checkpoint's weights (its EMA weights, where it has them) into ``module``, or one line on a mismatch."""
     details = state_dict_mismatch(module.state_dict(), checkpoint["state_dict"])
@@ -112,6 +153,7 @@ class DistillationRounds(Callback):
         self._teacher: Optional[LightningModule] = None  # this round's teacher
         self._first: Optional[LightningModule] = None  # the checkpoint's model: what the students are compared with
         self._restored: Optional[dict] = None
+        self._fingerprint: Optional[str] = None  # of the first teacher's weights
 
     @staticmethod
     def objective(pl_module: LightningModule) -> Optional[ProgressiveDistillation]:
@@ -139,7 +181,7 @@ class DistillationRounds(Callback):
             return {}
         return {"round": self.round, "teacher_prediction": self._teacher.objective.prediction,
                 "teacher_net": {k: v.detach().cpu() for k, v in self._teacher.net.state_dict().items()},
-                "reference_fid": self.reference_fid, "results": self.results}
+                "reference_fid": self.reference_fid, "results": self.results, "teacher_fingerprint": self._fingerprint}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict) if state_dict else None
@@ -152,8 +194,16 @@ class DistillationRounds(Callback):
                                   sampling=pl_module.sampling, speed=pl_module.speed)
         return teacher.to(pl_module.device).eval().requires_grad_(False)
 
-    def load_first_teacher(self, pl_module: LightningModule, objective: ProgressiveDistillation) -> LightningModule:
+    def load_first_teacher(self, pl_module: LightningModule, objective: ProgressiveDistillation,
+                           resumed: Optional[dict] = None) -> LightningModule:
+        """The first teacher, from ``objective.teacher``; for a run resumed from the callback state ``resumed``,
+        checked to be the teacher that run started from (by fingerprint, so a moved teacher is found at a new path)."""
+        if resumed is not None and not Path(objective.teacher).is_file():
+            raise resumed_teacher_missing(objective.teacher)
         checkpoint, class_path, init = read_teacher(objective.teacher, objective.init_args, pl_module)
+        saved = resumed.get("teacher_fingerprint") if resumed is not None else None
+        self._fingerprint = (check_teacher_fingerprint(objective.teacher, checkpoint, saved) if resumed is not None
+                             else teacher_fingerprint(checkpoint))
         edm = edm_preconditioned({"class_path": class_path, "init_args": init})
         if edm != (objective.prediction == "edm") or (edm and init.get("sigma_data", 0.5) != objective.init_args["sigma_data"]):
             # The student starts as its teacher: it must read the same weights the same way (EDM's F is about -v,
@@ -186,8 +236,8 @@ class DistillationRounds(Callback):
         objective = self.objective(pl_module)
         if objective is None:
             return
-        self._first = self.load_first_teacher(pl_module, objective)
         restored, self._restored = self._restored, None
+        self._first = self.load_first_teacher(pl_module, objective, restored or None)
         if restored:
             teacher = self._first
             if restored["round"] > 0:
