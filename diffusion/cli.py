@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from diffusion.callbacks.final_checkpoint import FinalCheckpoint
 from diffusion.checkpoint_io import storage_error
 from diffusion.checks import check, check_options
 from diffusion.data import DiffusionDataModule
+from diffusion.lock import lock_run, release_run
 from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, refuse_old_layout
 from diffusion.dashboard import run_name
 from diffusion.objective import SCHEDULE_ARGS, edm_preconditioned
@@ -45,6 +46,19 @@ from diffusion.runs import (
 )
 
 OFFLINE_FLAGS = ("--trainer.logger.init_args.offline", "--trainer.logger.offline")  # see _wandb_mode
+# Keys of the weight groups that name a file, not a setting the weights depend on: a resumed distillation's teacher
+# may have moved. The callbacks check by fingerprint that the file holds the same teacher.
+RELOCATABLE_KEYS = ("model.init_args.objective.init_args.teacher",)
+LIMIT_BATCHES = tuple(f"trainer.limit_{stage}_batches" for stage in ("train", "val", "test", "predict"))
+
+
+def count_integer_limits(parser: LightningArgumentParser) -> None:
+    """``--trainer.limit_val_batches 1`` as one batch, not the whole set: the Trainer's hint Union[float, int] has
+    jsonargparse try float first, so every integer became a float and 1 turned into 1.0 (the other integers are
+    counts anyway: Lightning turns 2.0 back into 2). With int first, 1 counts batches and 1.0 stays the fraction."""
+    for action in parser._actions:
+        if action.dest in LIMIT_BATCHES and hasattr(action, "_typehint"):
+            action._typehint = Optional[Union[int, float]]
 
 
 def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> dict:
@@ -231,7 +245,7 @@ class DiffusionCLI(LightningCLI):
             if mine == theirs:
                 continue
             rest = key.split(".")[1:]
-            if rest[:1] != ["init_args"] or len(rest) < 2 or rest[1] in WEIGHT_GROUPS:
+            if key not in RELOCATABLE_KEYS and (rest[:1] != ["init_args"] or len(rest) < 2 or rest[1] in WEIGHT_GROUPS):
                 ignored.append(f"{flag} {mine} (the checkpoint's: {theirs})")
             else:
                 config[key] = mine
@@ -252,6 +266,11 @@ class DiffusionCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "test" and self.config_init.test.get("ema_length") is not None:
             return self._test_post_hoc_ema(self.config_init.test.ema_length)
+        if subcommand == "fit":
+            try:
+                return super()._run_subcommand(subcommand)
+            finally:
+                release_run(self.run_dir)  # taken in before_fit
         if subcommand != "sample":
             return super()._run_subcommand(subcommand)
         self.sample(**self._prepare_subcommand_kwargs(subcommand))
@@ -270,6 +289,7 @@ class DiffusionCLI(LightningCLI):
         self.trainer.test(**{**kwargs, "ckpt_path": None})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        count_integer_limits(parser)  # the Trainer's arguments are in by now
         # Image geometry is a property of the data; the network is built to match it.
         parser.link_arguments("data.init_args.image_size", "model.init_args.net.init_args.image_size")
         parser.link_arguments("data.init_args.channels", "model.init_args.net.init_args.in_channels")
@@ -380,6 +400,8 @@ class DiffusionCLI(LightningCLI):
                            "them) in place of the config's.", category=UserWarning)
 
     def before_fit(self) -> None:
+        # One writer per run: a second `fit` of the same run folder (a resume of a run still training) is refused.
+        lock_run(self.run_dir)
         # ModelCheckpoint puts its files in <save_dir>/<logger name>/<version>/checkpoints: for W&B that is a folder
         # named like the project (diffusion/), which from the working directory shadows the package.
         for cb in self.trainer.checkpoint_callbacks:
