@@ -1,7 +1,6 @@
 """Bad values refused in one line, a moved teacher found by its fingerprint, one writer per run folder, integer
 limit_*_batches read as counts."""
 
-import math
 import os
 import shutil
 import signal
@@ -187,11 +186,10 @@ def test_a_resumed_distillation_takes_its_moved_teacher_and_refuses_another(tmp_
 
 def test_a_resumed_consistency_tuning_checks_a_teacher_it_is_given(tmp_path):
     from diffusion.callbacks.consistency import ConsistencyTuningRun
-
-    fingerprint = {"started": True, "teacher_fingerprint": None}
-    teacher = teacher_file(tmp_path / "teacher.ckpt")
     from diffusion.callbacks.distill import teacher_fingerprint
-    fingerprint["teacher_fingerprint"] = teacher_fingerprint(torch.load(teacher, weights_only=False))
+
+    teacher = teacher_file(tmp_path / "teacher.ckpt")
+    fingerprint = {"started": True, "teacher_fingerprint": teacher_fingerprint(torch.load(teacher, weights_only=False))}
     other = teacher_file(tmp_path / "other.ckpt", seed=1)
 
     def resume(path):
