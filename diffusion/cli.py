@@ -30,6 +30,7 @@ from diffusion.callbacks.consistency import ConsistencyTuningRun
 from diffusion.callbacks.dashboard import WandbDashboard, dashboard_of
 from diffusion.callbacks.distill import DistillationRounds
 from diffusion.callbacks.final_checkpoint import FinalCheckpoint
+from diffusion.callbacks.threads import ThreadTuning
 from diffusion.checkpoint_io import storage_error
 from diffusion.checks import check, check_options
 from diffusion.data import DiffusionDataModule
@@ -301,6 +302,7 @@ class DiffusionCLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(TrainingBudget, "budget")
         parser.add_lightning_class_args(FinalCheckpoint, "final_checkpoint")
+        parser.add_lightning_class_args(ThreadTuning, "threads")  # on a CPU: fewer threads while others take the cores
         parser.add_lightning_class_args(DistillationRounds, "distill")  # inert unless the objective distils
         parser.add_lightning_class_args(ConsistencyTuningRun, "consistency")  # inert unless it is ConsistencyTuning
         parser.add_lightning_class_args(WandbDashboard, "dashboard")  # inert without a WandbLogger

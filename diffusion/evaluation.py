@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from diffusion import threads
 from diffusion.checks import check
 from diffusion.errors import ConfigError
 from diffusion.fid_stats import (  # noqa: F401  (re-exported: ``ev.X`` for the low-level names too)
@@ -190,9 +191,10 @@ def spec_sampler(model, spec: SamplerSpec, precision: Optional[Precision] = None
         y = labels
         if y is None and num_classes:
             y = class_labels(indices if indices is not None else range(x_T.shape[0]), num_classes)
+        extra = {} if threads.governor() is None else {"progress": threads.ticking(f"{spec.text} network call")}
         with context():
             return model.sample(x_T.shape[0], sampler=spec.name, steps=spec.steps, x_T=x_T, generator=generator,
-                                labels=y, guidance=spec.guidance)
+                                labels=y, guidance=spec.guidance, **extra)
 
     return run
 

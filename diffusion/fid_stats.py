@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from diffusion import threads
 from diffusion.errors import ConfigError, DataError
 
 WEIGHTS_ENV = "DIFFUSION_FID_WEIGHTS"
@@ -240,6 +241,8 @@ def update_metric(metric, images: Tensor, real: bool) -> None:
     with torch.autocast(images.device.type, enabled=False):
         for chunk in chunks:
             metric.update(chunk, real=real)
+            if images.device.type == "cpu":
+                threads.tick(f"Inception chunk of {len(chunk)}")
 
 
 def reference_indices(n_available: int, num: Optional[int], seed: int = 0) -> list[int]:

@@ -5,6 +5,7 @@
 - ``SampleGrids``: the same noise through every sampler, side by side, plus a forward-process strip;
 - ``TimestepDiagnostics``: training loss and gradient norm per timestep bucket, total gradient norm;
 - ``Throughput``: images per second, step time, peak GPU memory;
+- ``ThreadTuning``: on a CPU, the thread count fitted to a machine that other processes share;
 - ``DistillationRounds``: the rounds of a progressive distillation, each with its checkpoint, FID and grid;
 - ``ConsistencyTuningRun``: a consistency tuning's start from its teacher and its stage of the gap schedule;
 - ``WandbDashboard``: the W&B run's tags, images-seen axis and evaluation table (the FID callback's rows),
@@ -26,10 +27,11 @@ from diffusion.callbacks.diagnostics import TimestepDiagnostics
 from diffusion.callbacks.distill import DistillationRounds
 from diffusion.callbacks.fid import FIDEvaluation, format_table
 from diffusion.callbacks.sample_grids import SampleGrids
+from diffusion.callbacks.threads import ThreadTuning
 from diffusion.callbacks.throughput import Throughput
 
 __all__ = [
-    "ConsistencyTuningRun", "DEFAULT_SAMPLERS", "DistillationRounds", "FIDEvaluation", "SampleGrids", "Throughput",
+    "ConsistencyTuningRun", "DEFAULT_SAMPLERS", "DistillationRounds", "FIDEvaluation", "SampleGrids", "ThreadTuning", "Throughput",
     "TimestepDiagnostics", "WandbDashboard", "format_table", "labelled_rows", "log_image", "log_line_chart",
     "log_metrics", "log_step", "run_dir", "sampling_module", "to_pil",
 ]
