@@ -57,9 +57,9 @@ class SamplerSpec:
                 f"Bad sampler {text!r}: write a sampler name and its steps, e.g. 'ddim25' or 'ddpm1000', and for a "
                 f"class-conditional model optionally a guidance scale, e.g. 'ddim25@w2' (samplers: {', '.join(SAMPLERS)})."
             )
-        steps = check("steps", int(match["steps"]), f"The steps of sampler {text!r}")
+        steps = check("steps", int(match["steps"]), f"Bad sampler {text!r}: its steps")
         guidance = match["guidance"]
-        guidance = check("guidance", float(guidance), f"The guidance of sampler {text!r}") if guidance else None
+        guidance = check("guidance", float(guidance), f"Bad sampler {text!r}: its guidance") if guidance else None
         return cls(match["name"], steps, guidance)
 
     @property

@@ -50,7 +50,7 @@ def _calls():
         (lambda: SamplingDefaults(guidance=-1.0), "sampling.guidance must be >= 0 and finite, got -1.0"),
         (lambda: SamplingDefaults(eta=INF), "sampling.eta must be in [0, 1], got inf"),
         (lambda: SamplingDefaults(steps=0), "sampling.steps must be an integer >= 1, got 0"),
-        (lambda: SamplerSpec.parse("ddim0"), "The steps of sampler 'ddim0' must be an integer >= 1, got 0"),
+        (lambda: SamplerSpec.parse("ddim0"), "Bad sampler 'ddim0': its steps must be an integer >= 1, got 0"),
         (lambda: karras_timesteps(schedule, 5, rho=NAN), "rho must be positive and finite, got nan"),
         (lambda: ddim_sample(lambda x, t: x, schedule, x, make_timesteps(100, 5), eta=1.5), "eta must be in [0, 1]"),
         (lambda: sigma_rel_to_gamma(INF), "EMA length sigma_rel must be in (0, 0.2887), got inf"),
