@@ -150,14 +150,13 @@ class DiffusionModel(LightningModule):
         """One forward and backward of the loss through the compiled network on the first training batch, in the
         training step's precision, before the optimizer sees anything (see ``FastNet.probe``)."""
         self._probe_pending = False
-        x0, y = self.batch_images_labels(batch)
-        generator = torch.Generator().manual_seed(0)
-        t = torch.randint(0, self.objective.num_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0)
 
         def loss() -> Tensor:
+            # What the training step draws (the objective's own timesteps: EDM's fractional ones; label dropout),
+            # so that the graphs compiled here are training's own, from a fixed seed (the step reseeds after).
+            torch.manual_seed(0)
             with self.trainer.precision_plugin.train_step_context():
-                return self.objective.loss(self.fast, x0, y, t, noise)[0].mean()
+                return self.training_loss(batch)[0].mean()
 
         self.fast.probe(loss, [p for p in self.net.parameters() if p.requires_grad])
 
