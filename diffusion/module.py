@@ -180,14 +180,16 @@ class DiffusionModel(LightningModule):
     def nan_check_period(self) -> int:
         if self.nan_check_every_n_steps is not None:
             return max(1, self.nan_check_every_n_steps)
-        return 1 if self.device.type == "cpu" else max(1, self.trainer.log_every_n_steps)
+        trainer = self._trainer
+        return 1 if self.device.type == "cpu" or trainer is None else max(1, trainer.log_every_n_steps)
 
     def check_finite(self, loss: Tensor) -> None:
         """The NaN guard. Reading the loss on the host waits for the GPU, so there the first non-finite step is kept
         on the device and read every ``nan_check_period()`` steps and at the last step; under DDP it is all-reduced
         at that step, so that every rank raises ``TrainingDiverged`` together and none waits in a collective. Raised
         before backward: when the bad step is this one, neither the weights, the EMA nor a checkpoint has seen it."""
-        step, period, world = self.global_step, self.nan_check_period(), self.trainer.world_size
+        trainer = self._trainer  # None: a training step called on its own (tests, notebooks)
+        step, period, world = self.global_step, self.nan_check_period(), trainer.world_size if trainer else 1
         if period == 1 and world == 1:  # the CPU's default: the read costs nothing there
             if not torch.isfinite(loss):
                 raise self._diverged(loss, step, step, period)
@@ -196,21 +198,21 @@ class DiffusionModel(LightningModule):
         if first is None:
             first = torch.full((), -1, dtype=torch.long, device=loss.device)
         first = torch.where((first < 0) & ~torch.isfinite(loss.detach()), step, first)
-        max_steps = self.trainer.max_steps
+        max_steps = trainer.max_steps if trainer else None
         if (step + 1) % period and not (max_steps is not None and 0 < max_steps <= step + 1):
             self._first_nonfinite = first
             return
         self._first_nonfinite = None
         if world > 1:  # the earliest bad step of any rank, as the max of (huge - step)
             huge = torch.iinfo(torch.long).max
-            first = self.trainer.strategy.reduce(torch.where(first < 0, 0, huge - first), reduce_op="max")
+            first = trainer.strategy.reduce(torch.where(first < 0, 0, huge - first), reduce_op="max")
             first = torch.where(first == 0, -1, huge - first)
         bad = int(first)
         if bad >= 0:
             raise self._diverged(loss, bad, step, period)
 
     def _diverged(self, loss: Tensor, bad: int, step: int, period: int) -> TrainingDiverged:
-        last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
+        last = getattr(getattr(self._trainer, "checkpoint_callback", None), "last_model_path", "") or "none saved yet"
         fix = "with a lower --model.init_args.optim.lr, more warm-up, or gradient clipping"
         if bad == step:
             value = loss.item() if not torch.isfinite(loss) else "not finite on another rank"
