@@ -199,7 +199,8 @@ class DiffusionModel(LightningModule):
             first = torch.full((), -1, dtype=torch.long, device=loss.device)
         first = torch.where((first < 0) & ~torch.isfinite(loss.detach()), step, first)
         max_steps = trainer.max_steps if trainer else None
-        if (step + 1) % period and not (max_steps is not None and 0 < max_steps <= step + 1):
+        if (step + 1) % period and not (max_steps is not None and 0 < max_steps <= step + 1) \
+                and not self._checkpoint_follows(step):
             self._first_nonfinite = first
             return
         self._first_nonfinite = None
@@ -210,6 +211,15 @@ class DiffusionModel(LightningModule):
         bad = int(first)
         if bad >= 0:
             raise self._diverged(loss, bad, step, period)
+
+    def _checkpoint_follows(self, step: int) -> bool:
+        """Whether a periodic checkpoint is written after this step (``every_n_train_steps``): the guard checks
+        there too, so that no checkpoint holds weights updated with a non-finite loss."""
+        for cb in getattr(self._trainer, "checkpoint_callbacks", ()):
+            every = getattr(cb, "_every_n_train_steps", 0)
+            if every and (step + 1) % every == 0:
+                return True
+        return False
 
     def _diverged(self, loss: Tensor, bad: int, step: int, period: int) -> TrainingDiverged:
         last = getattr(getattr(self._trainer, "checkpoint_callback", None), "last_model_path", "") or "none saved yet"

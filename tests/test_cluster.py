@@ -9,10 +9,13 @@ import sys
 import pytest
 import torch
 import wandb
+import yaml
 
 from conftest import CONFIGS, main_in_process
 from diffusion import runs
 from diffusion.cli import DiffusionCLI
+from diffusion.evaluation import parse_samplers
+from diffusion.samplers import network_calls
 from wandb_offline import read_runs
 
 TINY = str(CONFIGS / "tiny.yaml")
@@ -100,3 +103,36 @@ def test_a_requeued_slurm_job_resumes_from_its_last_checkpoint(bare_env, tmp_pat
     first, second = read_runs(folder)
     assert first["run"]["id"] == second["run"]["id"] == folder.name  # one W&B run, continued
     assert min(r["trainer/global_step"] for r in second["history"] if "train/loss" in r) > 2
+
+
+GPU_RECIPES = ["mnist.yaml", "mnist_cfg.yaml", "fashion_mnist.yaml", "fashion_mnist_cfg.yaml"]
+
+
+def calls(spec) -> int:
+    """Network calls per image of a sampler (guidance's batch is doubled)."""
+    return network_calls(spec.name, spec.steps) * (1 if spec.guidance is None else 2)
+
+
+@pytest.mark.parametrize("name", GPU_RECIPES)
+def test_gpu_recipes_are_sized_by_steps_and_evaluate_in_at_most_a_fifth_of_the_run(name):
+    cfg = yaml.safe_load((CONFIGS / name).read_text())
+    trainer, fid, grids = cfg["trainer"], cfg["fid"], cfg["sample_grids"]
+    # Steps, not epochs: the same length whatever the number of devices (an epoch is 8x shorter on 8 GPUs).
+    assert trainer["max_steps"] > 0 and trainer["max_epochs"] == -1
+    assert trainer["check_val_every_n_epoch"] is None and isinstance(trainer["val_check_interval"], int)
+    # In forward passes of one image (a training step's forward and backward: 3): the run against its evaluations.
+    train = 3 * cfg["data"]["init_args"]["batch_size"] * trainer["max_steps"]
+    periodic = trainer["max_steps"] // trainer["val_check_interval"]
+    if trainer["max_steps"] % trainer["val_check_interval"] == 0:
+        periodic -= 1  # the last validation is the final one
+    every = parse_samplers(fid["samplers"])
+    final = parse_samplers(fid.get("final_samplers") or fid["samplers"])
+    grid = parse_samplers(grids["samplers"])
+    val_images = 10_000  # MNIST's and Fashion-MNIST's test split, one forward each per validation
+    per_validation = fid["num_samples"] * sum(map(calls, every)) + grids["num_images"] * sum(map(calls, grid)) + val_images
+    last = fid["num_samples"] * sum(map(calls, final)) + grids["num_images"] * sum(map(calls, grid)) + val_images
+    evaluation = periodic * per_validation + last
+    assert evaluation / (train + evaluation) <= 0.20, (name, evaluation / (train + evaluation))
+    if "cfg" not in name:  # DDPM-1000 at the end (with guidance it alone would be 15% of the run)...
+        assert any(s.name == "ddpm" and s.steps == 1000 for s in final)
+    assert any(s.name == "ddpm" for s in parse_samplers(fid["test_samplers"]))  # ...and in `test`

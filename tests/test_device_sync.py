@@ -13,15 +13,18 @@ import traceback
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion import samplers
 from diffusion.callbacks import TimestepDiagnostics, WandbDashboard
+from diffusion.callbacks.final_checkpoint import FinalCheckpoint
 from diffusion.ema import EMA
 from diffusion.errors import TrainingDiverged
 from diffusion.module import DiffusionModel
+from diffusion.objective import Objective
 from diffusion.unet import UNet
 from test_training import tiny_model
 
@@ -34,9 +37,9 @@ def data(n=64):
 
 
 def fit(model, steps, callbacks=(), loader=None, **kwargs):
+    kwargs = {"enable_checkpointing": False, **kwargs}
     trainer = Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                      callbacks=list(callbacks), **kwargs)
+                      enable_model_summary=False, limit_val_batches=0, callbacks=list(callbacks), **kwargs)
     trainer.fit(model, loader or data())
     return trainer
 
@@ -128,6 +131,27 @@ def test_the_nan_guard_checks_every_n_steps_and_reports_the_step_it_went_bad():
     assert e.value.weights_damaged
 
 
+def test_the_nan_guard_checks_before_every_periodic_checkpoint(tmp_path):
+    seed_everything(0)
+    model = tiny_model()
+    model.nan_check_every_n_steps = PERIOD
+
+    class NaNAt(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 5:
+                batch[0].fill_(float("nan"))
+
+    saves = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, save_last=True)
+    # Step 5 is no check step of the period (4), but a checkpoint follows it (step 6): checked there, before
+    # backward, so neither that checkpoint nor last.ckpt holds a weight the NaN touched.
+    with pytest.raises(TrainingDiverged, match="The loss is nan at step 5") as e:
+        fit(model, 20, [NaNAt(), saves, FinalCheckpoint(signals=False)], enable_checkpointing=True)
+    assert not getattr(e.value, "weights_damaged", False)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 5
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
 class NoMixing(TorchDispatchMode):
     """Fails any op that meets tensors of two devices (a 0-dim CPU tensor is a scalar to every device and passes),
     the defect of a sampler that makes its noise, timesteps or labels on another device than the weights; host-side
@@ -146,6 +170,8 @@ def test_the_ema_copy_samples_where_its_weights_are(sampler, conditional):
     # (heun and the Karras grids read the schedule's sigma range on the host once per call: not on meta.)
     seed_everything(0)
     model = tiny_model()
+    if sampler == "ddpm":  # every step of its schedule: 50 of them, not 1,000, keep the inspected calls few
+        model = DiffusionModel(model.net, objective=Objective(num_timesteps=50))
     if conditional:  # labels and classifier-free guidance's doubled batch too
         net = UNet(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=[], num_classes=3)
         model = DiffusionModel(net)
@@ -159,7 +185,7 @@ def test_the_ema_copy_samples_where_its_weights_are(sampler, conditional):
     holder = ema.ema_holder(model)
     assert holder is not model and holder.device.type == "meta"
     with NoMixing():
-        images = holder.sample(2, sampler=sampler, steps=1000 if sampler == "ddpm" else 3, eta=1.0,
+        images = holder.sample(2, sampler=sampler, steps=50 if sampler == "ddpm" else 3, eta=1.0,
                                guidance=1.0 if conditional else None)
     assert images.device.type == "meta" and images.shape == (2, 1, 28, 28)
 
@@ -177,6 +203,7 @@ def test_chunked_noise_equals_the_noise_drawn_step_by_step(monkeypatch):
     with torch.no_grad():
         for p in model.net.parameters():
             p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    model = DiffusionModel(model.net, objective=Objective(num_timesteps=100))  # DDPM's every step: 100, not 1,000
     chunked = model.sample(2, sampler="ddpm", seed=3)
     monkeypatch.undo()
     assert torch.equal(chunked, model.sample(2, sampler="ddpm", seed=3))

@@ -161,10 +161,14 @@ def due(trainer: Trainer, every_n_epochs: int) -> bool:
         return False
     if trainer.state.fn != TrainerFn.FITTING:
         return True  # `validate` on its own
-    # should_stop: max_steps reached (ValidateAtLastStep), max_time's Timer, early stopping: the last validation.
-    final = (trainer.should_stop or is_last_step(trainer)
-             or (trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs))
-    return final or (trainer.current_epoch + 1) % every_n_epochs == 0
+    return final_validation(trainer) or (trainer.current_epoch + 1) % every_n_epochs == 0
+
+
+def final_validation(trainer: Trainer) -> bool:
+    """Whether this validation of a fit is its last: max_steps reached (``ValidateAtLastStep``), max_time's Timer,
+    early stopping (``should_stop``), or the last of ``max_epochs``."""
+    return bool(trainer.should_stop or is_last_step(trainer)
+                or (trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs))
 
 
 class ValidateAtLastStep(Callback):

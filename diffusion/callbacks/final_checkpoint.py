@@ -264,8 +264,11 @@ class FinalCheckpoint(Callback):
             return
         if not isinstance(exception, TrainingDiverged) or trainer.global_step == 0:
             return
+        if getattr(exception, "weights_damaged", False):
+            return  # found steps after the bad one (the GPU's NaN guard checks every N steps): nothing to keep
         if trainer.world_size > 1:
-            # Saving is collective, and another rank may not have met the NaN: the periodic checkpoint stands.
+            # Every rank raises at the same step, but the saves' collectives would meet ranks already unwinding:
+            # the periodic checkpoint stands.
             rank_zero_warn("NaN loss under DDP: not saving last.ckpt (the last periodic checkpoint is the good one).")
             return
         # Raised before backward: the weights, the EMA and the optimizer are those of the last good step.
