@@ -455,9 +455,9 @@ def bench_eval(cli, pristine, fid, quick_specs, args, device, precision, base, w
         return {**record, "skipped": True, "reason": reason}
     T = pristine.schedule.num_timesteps
     if args.eval_samplers:
-        fid.specs = fid.test_specs = ev.parse_samplers(args.eval_samplers.split(","), T)
+        fid.specs = fid.test_specs = fid.final_specs = ev.parse_samplers(args.eval_samplers.split(","), T)
     elif args.quick:
-        fid.specs = fid.test_specs = quick_specs[:2]
+        fid.specs = fid.test_specs = fid.final_specs = quick_specs[:2]
     # Sizes: as asked (--eval_*), else --quick's, else the callback's own (with its caps on a CPU); then used as is.
     options = {"num_samples": "eval_samples", "test_num_samples": "eval_test_samples", "num_real": "eval_real"}
     sizes = {}
