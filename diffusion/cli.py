@@ -39,7 +39,7 @@ from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, chec
 from diffusion.dashboard import run_name
 from diffusion.objective import SCHEDULE_ARGS, edm_preconditioned
 from diffusion.samplers import slerp
-from diffusion.errors import CheckpointError, ConfigError, find_user_error
+from diffusion.errors import CheckpointError, ConfigError, EvaluationStopped, find_user_error
 from diffusion.progress import StepProgress, close_open_bars, progress_bars
 from diffusion.runs import (
     SaveAndLogConfig, config_name, cpu_has_native_bf16, is_wandb, launcher_job, left_checkpoint, new_run_id,
@@ -559,6 +559,10 @@ class DiffusionCLI(LightningCLI):
 def main(args=None) -> None:
     try:
         DiffusionCLI(args=args)
+    except EvaluationStopped as e:
+        close_open_bars()
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(0)
     except Exception as e:
         error = find_user_error(e) or storage_error(e)  # a full disk: the images', W&B's files as a checkpoint's
         close_open_bars()  # the error, or the traceback, on a line of its own

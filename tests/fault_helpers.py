@@ -5,6 +5,7 @@
   with $NAN_AT_STEP, feeds NaN images to that step (on rank $NAN_RANK only, where set).
 - ``CtrlC``: presses Ctrl-C at the moments of a step that $CTRL_C_STEP and $CTRL_C_AT name.
 - ``RecordWeights``: each rank writes a digest of its raw and EMA weights at the end of training.
+- ``EvaluationMarker``: writes the file $EVALUATION_MARKER when a validation of the fit after step 0 starts.
 - ``Ranks``: with $RANKS_DIR, each rank writes its pid there at the start of training and its last step, planned
   steps and learning-rate schedule length at the end; rank $SLOW_RANK sleeps $SLOW_RANK_SLEEP s in each step, so
   that the ranks' clocks disagree.
@@ -119,6 +120,14 @@ class RecordWeights(Callback):
         path = run_dir(trainer) / f"weights-rank{trainer.global_rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
+
+
+class EvaluationMarker(Callback):
+    def on_validation_start(self, trainer, pl_module) -> None:
+        path = os.environ.get("EVALUATION_MARKER")
+        if path and trainer.global_step > 0 and not trainer.sanity_checking:
+            with open(path, "w") as f:
+                f.write(str(trainer.global_step))
 
 
 class Ranks(Callback):

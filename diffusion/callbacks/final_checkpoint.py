@@ -14,9 +14,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from diffusion import ranks
+from diffusion.callbacks.common import due, final_validation
 from diffusion.checkpoint_io import CheckpointWriteError, describe_last_written, last_written
 from diffusion.checkpoint_io import install as install_atomic_checkpoints
-from diffusion.errors import TrainingDiverged
+from diffusion.errors import EvaluationStopped, TrainingDiverged
 
 AGAIN = "Ctrl-C again to stop at once and save the last finished step, a third time to stop without saving"
 
@@ -67,6 +68,7 @@ class FinalCheckpoint(Callback):
         self._interruptible = False  # in the forward and backward pass, where stopping leaves the last step whole
         self._saving = False
         self._swapped = False  # interrupted inside a validation epoch, with the EMA's weights in the model
+        self._evaluating = False  # in a validation of the fit (its FID, grids), the step saved before it
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         install_atomic_checkpoints(trainer)
@@ -95,6 +97,14 @@ class FinalCheckpoint(Callback):
                                                  f"{self.stop_timeout:g} s (a rank stuck or gone)")
                     self._signalled = self._signalled or num
                     return
+                if self._evaluating and not self._stale(trainer):
+                    # The step is on disk (saved before the evaluation), and the evaluation changes nothing that a
+                    # checkpoint holds: stop it now rather than after its minutes of sampling.
+                    self._evaluating, self.stop_requested = False, name
+                    raise EvaluationStopped(
+                        f"{name} during the evaluation at step {trainer.global_step}: stopped it; {self.saved or 'last.ckpt'} "
+                        f"holds the step (its FIDs of this evaluation are not logged). Resume with --ckpt_path."
+                    )
                 if self.stop_requested is None:
                     rank_zero_info(f"\n{name}: stopping after this step and saving last.ckpt"
                                    + (f" ({AGAIN})." if num == signal.SIGINT else "."))
@@ -133,12 +143,29 @@ class FinalCheckpoint(Callback):
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._interruptible = False
         self._stop_if_asked()
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or trainer.global_step == 0:
+            return
+        # The step on disk before an evaluation starts (the last one's FID can take many minutes on a CPU): a
+        # signal, a crash or a kill during it loses nothing. Only where one is due: a validation of the loss
+        # alone is short, and the next periodic checkpoint comes as configured.
+        if self._evaluation_due(trainer) and self._stale(trainer):
+            self.save(trainer)
+        self._evaluating = not self._stale(trainer)
+
+    @staticmethod
+    def _evaluation_due(trainer: Trainer) -> bool:
+        if final_validation(trainer):
+            return True
+        # FIDEvaluation's and SampleGrids' cadence (common.due: every n validations, never after a signal)
+        return any(isinstance(getattr(cb, "every_n_epochs", None), int) and due(trainer, cb.every_n_epochs)
+                   for cb in trainer.callbacks)
 
     def on_validation_batch_start(self, trainer: Trainer, *args: Any) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self._stop_if_asked(swapped=True)  # every on_validation_epoch_start has run: the EMA swapped in
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._evaluating = False
         self._stop_if_asked()
 
     def _restore_signals(self) -> None:
