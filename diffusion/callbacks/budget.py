@@ -70,6 +70,7 @@ class TrainingBudget(Callback):
         self._window: deque[tuple[int, float]] = deque()  # (step, time) over the last window_steps steps
         self._last: Optional[tuple[int, float]] = None
         self.planned: Optional[int] = None  # the step where the decay ends and training stops
+        self.planned_for: Optional[float] = None  # the max_time (s) that plan was made under
         self.seconds_per_step: Optional[float] = None
         self._max_steps: Optional[int] = None  # the configured max_steps (-1: none)
         self._start_step = 0
@@ -91,8 +92,33 @@ class TrainingBudget(Callback):
         self._window.clear()
         self._last = None
         self._ballot, self._proposal = (ranks.Ballot() if ranks.distributed() else None), -1
-        if self.planned is not None:  # resumed: the checkpoint's plan stands until this machine's pace is known
-            self._apply(trainer, self.planned)
+        duration = getattr(time_limit(trainer), "_duration", None)  # max_time in seconds
+        if self.planned is not None:  # resumed: the checkpoint's plan stands until this machine's pace is known...
+            plan = self.planned
+            if duration and self.planned_for and duration > self.planned_for + 1 and self.seconds_per_step:
+                plan = self._resumed_plan(trainer, duration)  # ...unless max_time grew: a provisional plan first
+            self._apply(trainer, plan)
+        self.planned_for = duration
+
+    def _resumed_plan(self, trainer: Trainer, duration: float) -> int:
+        """A resume given a longer max_time: the steps the time left (Lightning's Timer keeps the time already
+        spent) allows at the checkpoint's pace, revised once this machine's is measured. The learning-rate
+        schedule is stretched to the new last step, as the budget's own revisions stretch it: the rate rises to
+        what a run given the longer time from the start would have at this step (a new decay from the current
+        rate would start from the old schedule's end, near zero, and train little), warm-up not repeated."""
+        remaining = time_limit(trainer).time_remaining()
+        pace = self.seconds_per_step
+        reserve = max(remaining * self.margin, self.reserve_steps * pace)
+        plan = self._capped(max(self.planned, trainer.global_step + max(1, math.floor((remaining - reserve) / pace))))
+        if ranks.distributed():  # every rank the same plan: rank 0's (the ranks' clocks read the time left apart)
+            plan = int(trainer.strategy.broadcast(plan, src=0))
+        rank_zero_info(
+            f"Training budget: max_time is now {duration:.0f} s (the checkpoint's plan was for {self.planned_for:.0f} s): "
+            f"{remaining:.0f} s left, so {plan - trainer.global_step:,} more steps at the checkpoint's {pace:.3f} s per "
+            f"step, to step {plan:,}, until this machine's pace is measured; the learning-rate schedule is stretched "
+            "to that step."
+        )
+        return plan
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if not self.active(trainer):
@@ -188,9 +214,11 @@ class TrainingBudget(Callback):
             schedule.total = self.planned
 
     def state_dict(self) -> dict[str, Any]:
-        return {"planned": self.planned, "seconds_per_step": self.seconds_per_step, "max_steps": self._max_steps}
+        return {"planned": self.planned, "seconds_per_step": self.seconds_per_step, "max_steps": self._max_steps,
+                "planned_for": self.planned_for}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.planned = state_dict.get("planned")
         self.seconds_per_step = state_dict.get("seconds_per_step")
         self._max_steps = state_dict.get("max_steps")
+        self.planned_for = state_dict.get("planned_for")  # None in checkpoints from before: the plan stands
