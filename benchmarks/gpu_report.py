@@ -3,6 +3,7 @@
 then off, and the 5-minute quality benchmark, into one JSON file and one markdown table for the README.
 
     python benchmarks/gpu_report.py --out gpu-report.json --md gpu-report.md -- --data.init_args.data_dir DIR
+    python benchmarks/gpu_report.py --checks -- --data.init_args.data_dir DIR   # the GPU checks alone, < 10 min
     python benchmarks/gpu_report.py --dry-run             # the commands it would run, nothing else
 
 Steps (``--only tests,throughput,quality``):
@@ -46,6 +47,8 @@ from common import git_commit  # noqa: E402  (standard library only: no torch im
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("tests", "throughput", "quality")
 TIMEOUTS = {"tests": 1200, "throughput": 600, "quality": 1500}  # seconds, per run
+# --checks: the tests and one throughput run within one 10-minute command (a lent GPU's limit per command).
+CHECKS_TIMEOUTS = {"tests": 420, "throughput": 150}
 # Each switch and the override that turns it off (the config leaves them null: on on a GPU).
 SWITCHES = {
     "compile": ["--model.init_args.speed.compile", "false"],
@@ -89,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    ",".join(f"{k}={v}" for k, v in TIMEOUTS.items()) + ")")
     p.add_argument("--pytest_args", default="", help="more pytest arguments for the tests step, e.g. a file or -k EXPR")
     p.add_argument("--quality_minutes", type=float, default=5.0, help="training budget of the quality step")
+    p.add_argument("--checks", action="store_true",
+                   help=f"the GPU checks alone, in at most {sum(CHECKS_TIMEOUTS.values())} s: the GPU tests and the "
+                   "throughput as configured (no switch turned off, no quality run); --timeouts still applies")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the commands and exit")
     return p
 
@@ -104,6 +110,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     args.steps = _choices(parser, "--only", args.only, STEPS)
     args.switch_names = _choices(parser, "--switches", args.switches, tuple(SWITCHES), allow_empty=True)
     args.timeout = dict(TIMEOUTS)
+    if args.checks:
+        args.steps, args.switch_names = [s for s in args.steps if s in CHECKS_TIMEOUTS], []
+        args.timeout.update(CHECKS_TIMEOUTS)
     for item in filter(None, (args.timeouts or "").split(",")):
         name, _, value = item.partition("=")
         if name.strip() not in TIMEOUTS or not value.strip().isdigit() or int(value) < 1:

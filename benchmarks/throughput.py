@@ -219,6 +219,16 @@ def run_lightning(cli, model, ema_cb, args, device, precision: str, workdir: Pat
     return result
 
 
+class _BarePlan:
+    """What ``Optimization.configure`` reads of a trainer (the planned steps, world size, accumulation, batch),
+    for the bare loop: the plan of the benchmark's Lightning run."""
+
+    world_size, accumulate_grad_batches, callbacks = 1, 1, ()
+
+    def __init__(self, cli, steps: int) -> None:
+        self.datamodule, self.estimated_stepping_batches = cli.datamodule, steps
+
+
 def run_bare(pristine, cli, ema_cb, args, device, precision: str) -> dict[str, Any]:
     """The same U-Net, loss, AdamW (+ warm-up schedule), gradient clipping and EMA update (EMAUpdate's foreach
     lerp through AveragedModel, as the EMA callback does) in a plain loop over batches already on the device."""
@@ -236,7 +246,10 @@ def run_bare(pristine, cli, ema_cb, args, device, precision: str) -> dict[str, A
         average.module.apply_memory_format(device)  # as EMA.on_fit_start does
     if model.speed.enabled("compile", device):
         model.net.compile()  # in place, as DiffusionModel.setup does for fit
-    configured = model.configure_optimizers()
+    # The module's configure_optimizers reads its trainer, which a bare loop has not: the same optimizer and
+    # schedule from what Lightning's run above plans (its max_steps, one device, the data's batch).
+    configured = model.optim.configure(model.net, _BarePlan(cli, args.warmup_steps + args.steps),
+                                       model.speed.enabled("fused_optimizer", device), model.lr_period)
     optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
     scheduler = configured.get("lr_scheduler", {}).get("scheduler") if isinstance(configured, dict) else None
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
@@ -442,9 +455,9 @@ def bench_eval(cli, pristine, fid, quick_specs, args, device, precision, base, w
         return {**record, "skipped": True, "reason": reason}
     T = pristine.schedule.num_timesteps
     if args.eval_samplers:
-        fid.specs = fid.test_specs = ev.parse_samplers(args.eval_samplers.split(","), T)
+        fid.specs = fid.test_specs = fid.final_specs = ev.parse_samplers(args.eval_samplers.split(","), T)
     elif args.quick:
-        fid.specs = fid.test_specs = quick_specs[:2]
+        fid.specs = fid.test_specs = fid.final_specs = quick_specs[:2]
     # Sizes: as asked (--eval_*), else --quick's, else the callback's own (with its caps on a CPU); then used as is.
     options = {"num_samples": "eval_samples", "test_num_samples": "eval_test_samples", "num_real": "eval_real"}
     sizes = {}

@@ -39,11 +39,11 @@ from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, chec
 from diffusion.dashboard import run_name
 from diffusion.objective import SCHEDULE_ARGS, edm_preconditioned
 from diffusion.samplers import slerp
-from diffusion.errors import CheckpointError, ConfigError, find_user_error
+from diffusion.errors import CheckpointError, ConfigError, EvaluationStopped, find_user_error
 from diffusion.progress import StepProgress, close_open_bars, progress_bars
 from diffusion.runs import (
-    SaveAndLogConfig, config_name, cpu_has_native_bf16, is_wandb, new_run_id, read_checkpoint, run_root,
-    state_dict_mismatch, training_run_id, unreadable_checkpoint,
+    SaveAndLogConfig, config_name, cpu_has_native_bf16, is_wandb, launcher_job, left_checkpoint, new_run_id,
+    read_checkpoint, run_root, state_dict_mismatch, training_run_id, unreadable_checkpoint,
 )
 
 OFFLINE_FLAGS = ("--trainer.logger.init_args.offline", "--trainer.logger.offline")  # see _wandb_mode
@@ -327,6 +327,8 @@ class DiffusionCLI(LightningCLI):
         self.training_run = trained_by
         self.run_dir = run_root(config) / self.run_id
         config.trainer.default_root_dir = str(self.run_dir)  # where a run without loggers writes too
+        if self.subcommand == "fit" and not config.get("ckpt_path"):
+            self._resume_requeued_job(config)
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
         if not any(loggers) and config.trainer.get("callbacks"):
             # A recipe's LearningRateMonitor refuses a Trainer without a logger (--trainer.logger false): nothing
@@ -347,6 +349,25 @@ class DiffusionCLI(LightningCLI):
                     init_args["name"] = run_name(config_name(config), self.run_id)
                 self._wandb_mode(init_args)
                 self._group_wandb_run(init_args, config)
+
+    def _resume_requeued_job(self, config: Namespace) -> None:
+        """A job that its launcher started again under the same identity (a SLURM requeue, a torchrun restart)
+        continues from the checkpoint it left in its run folder, in every rank (each reads the same files before
+        any writes). The command line is the job's own, so its model config is the checkpoint's."""
+        job = launcher_job()
+        if job is None or job[0] != self.run_id:
+            return
+        path = left_checkpoint(self.run_dir)
+        if path is None:
+            return
+        try:
+            step = read_checkpoint(path, mmap=True).get("global_step")
+        except CheckpointError:
+            step = None  # Lightning's loading says what is wrong with the file
+        config.ckpt_path = str(path)
+        self.training_run = self.run_id
+        rank_zero_info(f"Resuming {path} (step {step}): {job[1]} started again, same run folder and W&B run; "
+                       "pass --ckpt_path to start from another checkpoint.")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -538,6 +559,10 @@ class DiffusionCLI(LightningCLI):
 def main(args=None) -> None:
     try:
         DiffusionCLI(args=args)
+    except EvaluationStopped as e:
+        close_open_bars()
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(0)
     except Exception as e:
         error = find_user_error(e) or storage_error(e)  # a full disk: the images', W&B's files as a checkpoint's
         close_open_bars()  # the error, or the traceback, on a line of its own

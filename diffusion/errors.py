@@ -21,6 +21,11 @@ class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
+class EvaluationStopped(Exception):
+    """A signal stopped an evaluation of a fit whose last step was already saved: nothing is lost, the run ends
+    (the CLI prints the message and exits 0, as for a signal during training)."""
+
+
 def find_user_error(exc: BaseException | None) -> UserError | None:
     """The first UserError in an exception's chain (jsonargparse wraps errors raised while instantiating)."""
     seen = set()

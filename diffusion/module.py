@@ -81,6 +81,17 @@ class DiffusionModel(LightningModule):
                                          "init_args": dict(getattr(self.objective, "init_args", {}))}
         self.fast = FastNet(self.net, self.speed)  # not a submodule: state_dict keys are the net's
         self._probe_pending = False
+        # Steps between two reads of the loss's finiteness on the host; None: every step on a CPU (where the
+        # read costs nothing), at every logging step (trainer.log_every_n_steps) elsewhere.
+        self.nan_check_every_n_steps: Optional[int] = None
+        self._first_nonfinite: Optional[Tensor] = None  # on the device: the first step since the last check, or -1
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are. Lightning's ``device`` is a record that only ``LightningModule.to`` keeps, and a
+        plain ``nn.Module.to`` of a module that holds this one (``AveragedModel.to``) leaves it stale."""
+        param = next(self.net.parameters(), None)
+        return param.device if param is not None else super().device
 
     @property
     def schedule(self):
@@ -115,7 +126,11 @@ class DiffusionModel(LightningModule):
     def training_loss(self, batch) -> tuple[Tensor, Tensor]:
         """Per-image training loss of a batch (label dropout on) and the timesteps it was drawn at."""
         x0, y = self.batch_images_labels(batch)
-        return self.objective.loss(self.fast, x0, y, null_label=getattr(self.net, "null_label", None))
+        net, dtype = self.fast, next(self.net.parameters()).dtype
+        if dtype != torch.float32 and torch.is_autocast_enabled(x0.device.type) is False:
+            # bf16-true: the schedule's fp32 x_t into the network in its dtype, as the samplers' denoiser does.
+            net = lambda x, t, y=None: self.fast(x.to(dtype), t, y)  # noqa: E731
+        return self.objective.loss(net, x0, y, null_label=getattr(self.net, "null_label", None))
 
     def setup(self, stage: str) -> None:
         # Here rather than in configure_model (which WeightAveraging would call once more, before its copy) and
@@ -135,14 +150,13 @@ class DiffusionModel(LightningModule):
         """One forward and backward of the loss through the compiled network on the first training batch, in the
         training step's precision, before the optimizer sees anything (see ``FastNet.probe``)."""
         self._probe_pending = False
-        x0, y = self.batch_images_labels(batch)
-        generator = torch.Generator().manual_seed(0)
-        t = torch.randint(0, self.objective.num_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0)
 
         def loss() -> Tensor:
+            # What the training step draws (the objective's own timesteps: EDM's fractional ones; label dropout),
+            # so that the graphs compiled here are training's own, from a fixed seed (the step reseeds after).
+            torch.manual_seed(0)
             with self.trainer.precision_plugin.train_step_context():
-                return self.objective.loss(self.fast, x0, y, t, noise)[0].mean()
+                return self.training_loss(batch)[0].mean()
 
         self.fast.probe(loss, [p for p in self.net.parameters() if p.requires_grad])
 
@@ -158,16 +172,70 @@ class DiffusionModel(LightningModule):
     def training_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
         per_image, t = self.training_loss(batch)
         loss = per_image.mean()
-        if not torch.isfinite(loss):
-            # Raised before backward, so neither the weights, the EMA nor any checkpoint sees the bad step.
-            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
-            raise TrainingDiverged(
-                f"The loss is {loss.item()} at step {self.global_step}: training stopped. Last good checkpoint: "
-                f"{last}. Resume from it with a lower --model.init_args.optim.lr, more warm-up, or gradient clipping."
-            )
+        self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         # Per-image losses and their timesteps go to callbacks (per-timestep diagnostics) via the outputs.
         return {"loss": loss, "per_image_loss": per_image.detach(), "t": t}
+
+    def nan_check_period(self) -> int:
+        if self.nan_check_every_n_steps is not None:
+            return max(1, self.nan_check_every_n_steps)
+        trainer = self._trainer
+        return 1 if self.device.type == "cpu" or trainer is None else max(1, trainer.log_every_n_steps)
+
+    def check_finite(self, loss: Tensor) -> None:
+        """The NaN guard. Reading the loss on the host waits for the GPU, so there the first non-finite step is kept
+        on the device and read every ``nan_check_period()`` steps and at the last step; under DDP it is all-reduced
+        at that step, so that every rank raises ``TrainingDiverged`` together and none waits in a collective. Raised
+        before backward: when the bad step is this one, neither the weights, the EMA nor a checkpoint has seen it."""
+        trainer = self._trainer  # None: a training step called on its own (tests, notebooks)
+        step, period, world = self.global_step, self.nan_check_period(), trainer.world_size if trainer else 1
+        if period == 1 and world == 1:  # the CPU's default: the read costs nothing there
+            if not torch.isfinite(loss):
+                raise self._diverged(loss, step, step, period)
+            return
+        first = self._first_nonfinite
+        if first is None:
+            first = torch.full((), -1, dtype=torch.long, device=loss.device)
+        first = torch.where((first < 0) & ~torch.isfinite(loss.detach()), step, first)
+        max_steps = trainer.max_steps if trainer else None
+        if (step + 1) % period and not (max_steps is not None and 0 < max_steps <= step + 1) \
+                and not self._checkpoint_follows(step):
+            self._first_nonfinite = first
+            return
+        self._first_nonfinite = None
+        if world > 1:  # the earliest bad step of any rank, as the max of (huge - step)
+            huge = torch.iinfo(torch.long).max
+            first = trainer.strategy.reduce(torch.where(first < 0, 0, huge - first), reduce_op="max")
+            first = torch.where(first == 0, -1, huge - first)
+        bad = int(first)
+        if bad >= 0:
+            raise self._diverged(loss, bad, step, period)
+
+    def _checkpoint_follows(self, step: int) -> bool:
+        """Whether a periodic checkpoint is written after this step (``every_n_train_steps``): the guard checks
+        there too, so that no checkpoint holds weights updated with a non-finite loss."""
+        for cb in getattr(self._trainer, "checkpoint_callbacks", ()):
+            every = getattr(cb, "_every_n_train_steps", 0)
+            if every and (step + 1) % every == 0:
+                return True
+        return False
+
+    def _diverged(self, loss: Tensor, bad: int, step: int, period: int) -> TrainingDiverged:
+        last = getattr(getattr(self._trainer, "checkpoint_callback", None), "last_model_path", "") or "none saved yet"
+        fix = "with a lower --model.init_args.optim.lr, more warm-up, or gradient clipping"
+        if bad == step:
+            value = loss.item() if not torch.isfinite(loss) else "not finite on another rank"
+            return TrainingDiverged(
+                f"The loss is {value} at step {step}: training stopped. Last good checkpoint: {last}. Resume from it {fix}."
+            )
+        error = TrainingDiverged(
+            f"The loss was not finite at step {bad}, found at step {step} (on {self.device.type} the loss is checked "
+            f"every {period} steps, --trainer.log_every_n_steps): training stopped, and the weights have been updated "
+            f"with it since. Resume from a checkpoint from before step {bad} (the last one: {last}) {fix}."
+        )
+        error.weights_damaged = True  # the weights now are not the last good ones: they must not be saved as such
+        return error
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x0, y = self.batch_images_labels(batch)
@@ -273,7 +341,8 @@ class DiffusionModel(LightningModule):
         if x_T is None:
             shape = (num_samples, self.net.in_channels, self.net.image_size, self.net.image_size)
             x_T = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
-        x_T = x_T.to(self.device)
+        device = self.device  # where the weights are (the EMA copy's too): the noise, timesteps and labels go there
+        x_T = x_T.to(device)
         denoiser = self.denoiser(self.sample_labels(x_T.shape[0], labels), guidance)
         was_training = self.training
         self.eval()

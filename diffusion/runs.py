@@ -3,19 +3,23 @@ precision this machine can run.
 
     runs/<config>/<run id>/config.yaml, checkpoints/, wandb/ (or lightning_logs/ for TensorBoard and CSV)
 
-The run id is W&B's run id where W&B logs (offline by default), so the folder and the dashboard's run match.
+The run id is W&B's run id where W&B logs (offline by default), so the folder and the dashboard's run match. Under
+a launcher that names the job (SLURM, torchrun) it is that name, so that every rank and a requeued job find the
+same folder, and a requeued job the checkpoint it left there.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from jsonargparse import Namespace
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
@@ -118,16 +122,57 @@ def is_wandb(logger: Any) -> bool:
 _made_here: set[str] = set()
 
 
+# torchrun's --rdzv-id when none is given: the same for every job, so no job's identity.
+TORCHELASTIC_DEFAULT_ID = "none"
+
+
+def _id_text(text: str) -> str:
+    """``text`` as a folder name and a W&B run id: characters W&B refuses in an id (/ \\ # ? % :) and any other
+    punctuation become '-', and 64 characters at most keep the folder's name short."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", text)[:64]
+
+
+def launcher_job() -> Optional[tuple[str, str]]:
+    """(run id, what it is) from the launcher's identity of this job, the same in every rank and after a requeue:
+    SLURM's job (``<array job>_<task>`` for an array's task, as ``scontrol requeue`` names it), where Lightning's
+    ``SLURMEnvironment.detect()`` sees a batch job (not an interactive ``bash`` one, where several runs share the
+    job); else torchrun's rendezvous id (``--rdzv-id``, a new one per ``--standalone`` launch). None elsewhere.
+    The cluster's name is part of a SLURM id, so that two clusters' job 1234 are two W&B runs of one project."""
+    if SLURMEnvironment.detect() and os.environ.get("SLURM_JOB_ID"):
+        array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        job = f"{array}_{task}" if array and task else os.environ["SLURM_JOB_ID"]
+        cluster = os.environ.get("SLURM_CLUSTER_NAME")
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        what = f"SLURM job {job}" + (f" (restart {restarts})" if restarts else "")
+        return _id_text(f"slurm-{cluster + '-' if cluster else ''}{job}"), what
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID")
+    if elastic and elastic != TORCHELASTIC_DEFAULT_ID:
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+        return _id_text(f"torchrun-{elastic}"), f"torchrun job {elastic}" + (f" (restart {restarts})" if restarts else "")
+    return None
+
+
 def new_run_id(given: Optional[str] = None) -> str:
     """A run id for a CLI run: ``given`` (the run a checkpoint continues); else ``$DIFFUSION_RUN_ID`` where this
     process inherited it (a DDP rank, started by the launcher with rank 0's environment; or set by the user), or
-    ``$WANDB_RUN_ID`` (a W&B sweep's agent sets it), else a new one; exported for the ranks to come."""
+    ``$WANDB_RUN_ID`` (a W&B sweep's agent sets it), or the launcher's job (``launcher_job``: srun starts each
+    rank itself, without rank 0's variables), else a new one; exported for the ranks to come."""
     value = given or os.environ.get(RUN_ID_ENV)
     if not given and (not value or value in _made_here):  # ours, from an earlier run in this process: not this one's
-        value = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
+        job = launcher_job()
+        value = os.environ.get("WANDB_RUN_ID") or (job[0] if job else None) or secrets.token_hex(4)
     os.environ[RUN_ID_ENV] = value
     _made_here.add(value)
     return value
+
+
+def left_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest checkpoint in a run folder that a job of the same identity wrote before it was requeued or
+    restarted: ``checkpoints/last.ckpt``, or Lightning's ``hpc_ckpt_<n>.ckpt`` (its SLURM auto-requeue on
+    SIGUSR1 writes one into the root folder and resumes from it only where ``--ckpt_path`` is not given; taking
+    the newer of the two here keeps a later last.ckpt from losing to an older requeue's file). None: a fresh job."""
+    found = [p for p in (run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def training_run_id(ckpt_path: Optional[str | Path]) -> Optional[str]:

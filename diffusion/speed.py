@@ -120,17 +120,29 @@ class FastNet:
             return result
 
     def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
-        """The training network (compiled where switched on), with the fall-back."""
-        return self.compiled_or_eager(lambda: self.run(self.net, x, t, y))
+        """The network: the in-place compiled graph (where switched on, with the fall-back) for training's calls
+        only, with gradients in train mode; every other call eagerly (see ``eager``)."""
+        if self.net.training and torch.is_grad_enabled():
+            return self.compiled_or_eager(lambda: self.run(self.net, x, t, y))
+        return self.eager(x, t, y)
+
+    def eager(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """The network without its in-place compiled graph: validation, eval mode, the diagnostics' pass. Each of
+        them (grad mode, dropout's mode, its batch size) would be another graph of the same code, all counted
+        against dynamo's recompile limit (8), past which the training graph itself would silently run eagerly.
+        Sampling has its own compiled forward (``for_sampling``)."""
+        # nn.Module.__call__ goes through _compiled_call_impl when set; _call_impl is the call it wraps.
+        return self.run(self.net._call_impl, x, t, y)
 
     def for_sampling(self, device: torch.device) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
-        """``net(x, t, y)`` for sampling: through CUDA graphs where ``compile_sampling`` is on, else the training
-        call (which may be compiled in place, e.g. validation during fit)."""
+        """``net(x, t, y)`` for sampling: through CUDA graphs where ``compile_sampling`` is on, else ``self``."""
         if not self.switches.enabled("compile_sampling", device) or "compile_sampling" in self.fallbacks:
             return self
         if self.sampling_net is None:
             try:
-                self.sampling_net = torch.compile(self.net, mode="reduce-overhead")
+                # The network's forward, not the network: torch.compile(mode="reduce-overhead") of a module already
+                # compiled in place (nn.Module.compile, for training) runs that module's graph, without CUDA graphs.
+                self.sampling_net = torch.compile(self.net.forward, mode="reduce-overhead")
             except Exception as error:
                 self.fell_back("compile_sampling", error)
                 return self
@@ -143,7 +155,7 @@ class FastNet:
             try:
                 torch.compiler.cudagraph_mark_step_begin()
                 # CUDA graphs reuse their output buffers on the next call: keep a copy.
-                return self.run(compiled, x, t, y).clone()
+                return self.run(dynamic_batch(compiled), x, t, y).clone()
             except Exception as error:  # compilation or graph capture, at each new shape's first calls
                 out = self(x, t, y)  # raises if it fails without compilation too: not compilation's error
                 compiled = None
@@ -165,3 +177,17 @@ class FastNet:
                 torch.autograd.grad(value, params, allow_unused=True)
 
         self.compiled_or_eager(forward_backward)
+
+
+def dynamic_batch(fn: Callable) -> Callable:
+    """``fn`` with its tensors' first dimension marked dynamic: one graph for every batch size (grids of 8, FID's
+    batches and their remainder, guidance's doubled batch) rather than a static one per size, each counted against
+    dynamo's recompile limit; CUDA graphs are still recorded per size. "maybe": a batch of 1 may specialise rather
+    than raise."""
+
+    def call(*tensors: Tensor) -> Tensor:
+        for tensor in tensors:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return fn(*tensors)
+
+    return call

@@ -2,9 +2,13 @@
 
 - ``Faults``: SIGKILLs its own process after optimizer step $KILL_AT_STEP, or, with $KILL_DURING_SAVE_AT_STEP,
   half-way through writing the checkpoint of that step (no cleanup, no exception handlers, like a lost node);
-  with $NAN_AT_STEP, feeds NaN images to that step.
+  with $NAN_AT_STEP, feeds NaN images to that step (on rank $NAN_RANK only, where set).
 - ``CtrlC``: presses Ctrl-C at the moments of a step that $CTRL_C_STEP and $CTRL_C_AT name.
 - ``RecordWeights``: each rank writes a digest of its raw and EMA weights at the end of training.
+- ``EvaluationMarker``: writes the file $EVALUATION_MARKER when a validation of the fit after step 0 starts.
+- ``Ranks``: with $RANKS_DIR, each rank writes its pid there at the start of training and its last step, planned
+  steps and learning-rate schedule length at the end; rank $SLOW_RANK sleeps $SLOW_RANK_SLEEP s in each step, so
+  that the ranks' clocks disagree.
 
 And the comparison of two runs' final checkpoints that the resume tests (CPU and GPU) make.
 """
@@ -30,9 +34,10 @@ class Faults(Callback):
         self.at = int(os.environ.get("KILL_AT_STEP", -1))
         self.during_save = int(os.environ.get("KILL_DURING_SAVE_AT_STEP", -1))
         self.nan_at = int(os.environ.get("NAN_AT_STEP", -1))
+        self.nan_rank = int(os.environ.get("NAN_RANK", -1))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.nan_at:
+        if trainer.global_step == self.nan_at and self.nan_rank in (-1, trainer.global_rank):
             batch[0].fill_(float("nan"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -115,6 +120,45 @@ class RecordWeights(Callback):
         path = run_dir(trainer) / f"weights-rank{trainer.global_rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
+
+
+class EvaluationMarker(Callback):
+    def on_validation_start(self, trainer, pl_module) -> None:
+        path = os.environ.get("EVALUATION_MARKER")
+        if path and trainer.global_step > 0 and not trainer.sanity_checking:
+            with open(path, "w") as f:
+                f.write(str(trainer.global_step))
+
+
+class Ranks(Callback):
+    def __init__(self) -> None:
+        self.dir = os.environ.get("RANKS_DIR")
+        self.slow_rank = int(os.environ.get("SLOW_RANK", -1))
+        self.sleep = float(os.environ.get("SLOW_RANK_SLEEP", 0))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.dir:
+            from pathlib import Path
+
+            Path(self.dir, f"rank{trainer.global_rank}.pid").write_text(str(os.getpid()))
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_rank == self.slow_rank:
+            import time
+
+            time.sleep(self.sleep)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self.dir:
+            return
+        from pathlib import Path
+
+        from diffusion.optim import lr_schedule
+
+        schedule = lr_schedule(trainer)
+        record = {"step": trainer.global_step, "max_steps": trainer.max_steps,
+                  "schedule_total": getattr(schedule, "total", None)}
+        Path(self.dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 def final_state(root) -> dict:

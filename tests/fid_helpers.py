@@ -90,3 +90,19 @@ def ddp_score(rank: int, world: int, init_file: str, cache_dir: str, out_dir: st
         torch.save(runs, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+class SigtermOnFirstCall(TinyFeatures):
+    """``TinyFeatures`` that sends this process SIGTERM at its first call: a signal during an evaluation (the real
+    images' statistics, the first thing an evaluation computes)."""
+
+    sent = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not SigtermOnFirstCall.sent:
+            import os
+            import signal
+
+            SigtermOnFirstCall.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(x)

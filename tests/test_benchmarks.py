@@ -297,3 +297,12 @@ def test_compute_curve_runs_only_the_missing_budgets_and_draws_what_completed(tm
     assert Image.open(tmp_path / "curve.png").size == (720, 440)
     with pytest.raises(SystemExit, match="No completed budget"):
         curve.main(["--minutes", "40", "--out", str(tmp_path / "empty"), "--plot_only"])
+
+
+def test_the_cpu_recipe_trains_through_both_loops(mnist_dir):
+    # Its warm-up and decay are planned from the Trainer's steps, which the bare loop has not: it plans its own.
+    proc = bench("--config", CONFIGS / "mnist_cpu.yaml", "--device", "cpu", "--quick", "--json", "--threads", 1,
+                 "--only", "train", "--", "--data.init_args.data_dir", mnist_dir)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    (train,) = [r for r in map(json.loads, proc.stdout.strip().splitlines()) if r["kind"] == "train"]
+    assert positive(train["lightning_images_per_s"]) and positive(train["bare_images_per_s"])

@@ -55,6 +55,15 @@ def test_dry_run_lists_every_command_of_the_report(tmp_path):
     assert len(commands) == 9
 
 
+def test_checks_alone_fit_in_one_ten_minute_command():
+    proc = dry_run("--checks", "--", "--data.init_args.data_dir", "/data")
+    assert proc.returncode == 0, proc.stderr
+    commands = [line for line in proc.stdout.splitlines() if not line.startswith("#")]
+    assert len(commands) == 2 and commands[0].startswith("python -m pytest -m gpu")
+    assert commands[1].startswith("python benchmarks/throughput.py --config configs/mnist.yaml --json")
+    assert "--only" not in commands[1]  # as configured: training, sampling and the evaluation
+
+
 def test_dry_run_of_one_step_and_bad_options():
     proc = dry_run("--only", "throughput", "--switches", "compile,bf16")
     commands = [line for line in proc.stdout.splitlines() if not line.startswith("#")]

@@ -63,11 +63,11 @@ def fit(monkeypatch, tmp_path, mnist_dir):
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     monkeypatch.setenv("DIFFUSION_DATA_DIR", str(mnist_dir))
 
-    def run(*args, callbacks=()):
+    def run(*args, callbacks=(), ckpt_path=None):
         cli = DiffusionCLI(args=["--config", str(CONFIGS / "tiny.yaml"), *SMALL, *map(str, args)], run=False)
         cli.trainer.callbacks.extend(callbacks)
         cli.before_fit()  # what `python -m diffusion fit` runs before Trainer.fit
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
         return cli
 
     return run
@@ -269,3 +269,79 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_without_it(fit, monkeypatch):
     monkeypatch.setattr(diffusion.cli, "cpu_has_native_bf16", lambda: True)
     assert str(fit("--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.precision",
                    "bf16-mixed").trainer.precision) == "bf16-mixed"
+
+
+def test_a_signal_during_the_final_evaluation_stops_it_and_keeps_the_final_step(fit, tmp_path):
+    from diffusion.errors import EvaluationStopped
+    from fid_helpers import SigtermOnFirstCall
+
+    SigtermOnFirstCall.sent = False
+    previous = signal.getsignal(signal.SIGTERM)
+    # tiny.yaml checkpoints every 100 steps: without the save before the evaluation, nothing would be on disk.
+    with pytest.raises(EvaluationStopped, match=r"SIGTERM during the evaluation at step 6: stopped it; .*last.ckpt holds"):
+        fit("--trainer.max_steps", "6", "--trainer.logger", "false", "--fid.every_n_epochs", "1",
+            "--fid.num_samples", "4", "--fid.num_real", "16", "--fid.cache_dir", tmp_path / "fid",
+            "--fid.feature_extractor", "fid_helpers.SigtermOnFirstCall")
+    assert SigtermOnFirstCall.sent
+    (last,) = tmp_path.rglob("checkpoints/last.ckpt")
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6 and "current_model_state" in ckpt  # both weights: a resume is exact
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handlers are put back
+
+
+def test_sigterm_two_seconds_into_the_final_evaluation_ends_the_process_with_the_final_step(tmp_path, mnist_dir):
+    # The issue's case, as a scheduler's preemption meets it: an outside SIGTERM while DDPM-1000's FID samples.
+    import subprocess
+
+    from conftest import ROOT
+
+    marker = tmp_path / "evaluating"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "EVALUATION_MARKER": str(marker),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "diffusion", "fit", "--config", CONFIGS / "tiny.yaml", "--data.data_dir", mnist_dir,
+           "--trainer.default_root_dir", tmp_path / "run", "--trainer.max_steps", 5, "--trainer.logger", "false",
+           "--trainer.enable_progress_bar", "false", "--fid.samplers", "[ddpm1000]", "--fid.num_real", 16,
+           "--fid.feature_extractor", "fid_helpers.TinyFeatures", "--fid.cache_dir", tmp_path / "fid",
+           "--sample_grids.every_n_epochs", 0, "--diagnostics.grad_every_n_steps", 0,
+           "--trainer.callbacks+=fault_helpers.EvaluationMarker"]
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert marker.exists(), (tmp_path / "out.txt").read_text()[-3000:]
+            time.sleep(2)
+            proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            code = proc.wait(timeout=30)
+            assert time.monotonic() - sent < 30
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = (tmp_path / "out.txt").read_text()
+    assert code == 0, output[-3000:]
+    assert "SIGTERM during the evaluation at step 5: stopped it" in output, output[-3000:]
+    (last,) = (tmp_path / "run").rglob("checkpoints/last.ckpt")
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 5
+
+
+def test_a_budgeted_run_resumed_with_twice_its_time_trains_about_as_many_steps_again(fit):
+    budget = ["--trainer.logger", "false", "--budget.skip_steps", "1", "--budget.measure_steps", "5",
+              "--budget.replan_every", "10", "--model.init_args.optim.lr_decay", "cosine"]
+    first = fit("--trainer.max_time", "00:00:00:08", *budget, callbacks=[SlowMachine(0.1)])
+    path, steps = last_step(first)
+    assert steps >= 8
+    # The same time again: the plan stands, nothing more to train (as before this change).
+    same = fit("--trainer.max_time", "00:00:00:08", *budget, callbacks=[SlowMachine(0.1)], ckpt_path=path)
+    assert same.trainer.global_step == steps
+    # Twice the time: Lightning's Timer keeps the 8 s spent, so about as many steps again, the schedule to the end.
+    longer = fit("--trainer.max_time", "00:00:00:16", *budget, callbacks=[SlowMachine(0.1)], ckpt_path=path)
+    more = longer.trainer.global_step - steps
+    assert 0.5 * steps <= more <= 1.5 * steps, (steps, more)
+    schedule = lr_schedule(longer.trainer)
+    assert schedule.total == longer.trainer.global_step  # the decay ends at the new last step
+    budget_cb = next(c for c in longer.trainer.callbacks if isinstance(c, TrainingBudget))
+    assert budget_cb.planned_for == 16 and torch.load(last_step(longer)[0], weights_only=False)["global_step"] == longer.trainer.global_step

@@ -11,6 +11,7 @@ from typing import Any, Optional
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from diffusion import ranks
 from diffusion.callbacks.common import log_metrics
 from diffusion.errors import ConfigError
 from diffusion.optim import lr_schedule, time_limit
@@ -28,6 +29,11 @@ class TrainingBudget(Callback):
     Lightning's ``Timer`` stops a run when its time is up but knows nothing of the schedule; a schedule driven by
     elapsed time would make the learning rate of each step depend on the machine's speed at that moment, so that
     no two runs (nor a run and its resume) take the same steps.
+
+    Under DDP rank 0's pace decides: its plan travels in a ``Ballot`` submitted after the step that made it and is
+    applied by every rank after the next one, so all ranks stop at the same step with the same schedule (plans made
+    from each rank's own clock may differ by a step, and the rank that stops first leaves the others waiting in a
+    gradient all-reduce). The other ranks measure nothing. Lightning's ``Timer`` broadcasts rank 0's decision too.
 
     Args:
         skip_steps: steps left out of the pace (start-up, first-call compilation, the first allocations).
@@ -64,11 +70,14 @@ class TrainingBudget(Callback):
         self._window: deque[tuple[int, float]] = deque()  # (step, time) over the last window_steps steps
         self._last: Optional[tuple[int, float]] = None
         self.planned: Optional[int] = None  # the step where the decay ends and training stops
+        self.planned_for: Optional[float] = None  # the max_time (s) that plan was made under
         self.seconds_per_step: Optional[float] = None
         self._max_steps: Optional[int] = None  # the configured max_steps (-1: none)
         self._start_step = 0
         self._mark: Optional[tuple[int, float]] = None  # (step, time) where this process started measuring
         self._fresh = True  # no plan from this process's own pace yet (a resumed run measures its machine again)
+        self._ballot: Optional[ranks.Ballot] = None  # under DDP: rank 0's plan to every rank
+        self._proposal = -1  # rank 0's plan made at this step, for the ballot (-1: none)
 
     def active(self, trainer: Trainer) -> bool:
         return time_limit(trainer) is not None
@@ -82,12 +91,59 @@ class TrainingBudget(Callback):
         self._recent.clear()
         self._window.clear()
         self._last = None
-        if self.planned is not None:  # resumed: the checkpoint's plan stands until this machine's pace is known
-            self._apply(trainer, self.planned)
+        self._ballot, self._proposal = (ranks.Ballot() if ranks.distributed() else None), -1
+        duration = getattr(time_limit(trainer), "_duration", None)  # max_time in seconds
+        if self.planned is not None:  # resumed: the checkpoint's plan stands until this machine's pace is known...
+            plan = self.planned
+            if duration and self.planned_for and duration > self.planned_for + 1 and self.seconds_per_step:
+                plan = self._resumed_plan(trainer, duration)  # ...unless max_time grew: a provisional plan first
+            self._apply(trainer, plan)
+        self.planned_for = duration
+
+    def _resumed_plan(self, trainer: Trainer, duration: float) -> int:
+        """A resume given a longer max_time: the steps the time left (Lightning's Timer keeps the time already
+        spent) allows at the checkpoint's pace, revised once this machine's is measured. The learning-rate
+        schedule is stretched to the new last step, as the budget's own revisions stretch it: the rate rises to
+        what a run given the longer time from the start would have at this step (a new decay from the current
+        rate would start from the old schedule's end, near zero, and train little), warm-up not repeated."""
+        remaining = time_limit(trainer).time_remaining()
+        pace = self.seconds_per_step
+        reserve = max(remaining * self.margin, self.reserve_steps * pace)
+        plan = self._capped(max(self.planned, trainer.global_step + max(1, math.floor((remaining - reserve) / pace))))
+        if ranks.distributed():  # every rank the same plan: rank 0's (the ranks' clocks read the time left apart)
+            plan = int(trainer.strategy.broadcast(plan, src=0))
+        rank_zero_info(
+            f"Training budget: max_time is now {duration:.0f} s (the checkpoint's plan was for {self.planned_for:.0f} s): "
+            f"{remaining:.0f} s left, so {plan - trainer.global_step:,} more steps at the checkpoint's {pace:.3f} s per "
+            f"step, to step {plan:,}, until this machine's pace is measured; the learning-rate schedule is stretched "
+            "to that step."
+        )
+        return plan
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if not self.active(trainer):
             return
+        if self._ballot is None:
+            self._plan(trainer)
+            return
+        (plan,) = self._ballot.collect() or (-1,)
+        if plan >= 0:  # rank 0's plan from the last step, applied by every rank now; at least one more step
+            self._apply(trainer, max(plan, trainer.global_step + 1))
+        if trainer.is_global_zero:
+            self._plan(trainer)
+        self._ballot.submit([self._proposal])
+        self._proposal = -1
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._ballot is not None:
+            self._ballot.collect()  # the last step's, submitted by every rank; a plan past the end changes nothing
+            self._ballot = None
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._ballot = None
+
+    def _plan(self, trainer: Trainer) -> None:
+        """Measures the pace, and plans when a plan is due (on rank 0 only under DDP)."""
         step, now = trainer.global_step, time.monotonic()
         if self._mark is None:
             if step >= self._start_step + self.skip_steps:
@@ -140,7 +196,10 @@ class TrainingBudget(Callback):
                 f"{self.replan_every} steps)."
             )
         self.seconds_per_step, self._fresh = pace, False
-        self._apply(trainer, plan)
+        if self._ballot is None:
+            self._apply(trainer, plan)
+        else:
+            self._proposal = plan
         log_metrics(trainer, {"budget/planned_steps": float(plan), "budget/seconds_per_step": pace})
 
     def _capped(self, plan: int) -> int:
@@ -155,9 +214,11 @@ class TrainingBudget(Callback):
             schedule.total = self.planned
 
     def state_dict(self) -> dict[str, Any]:
-        return {"planned": self.planned, "seconds_per_step": self.seconds_per_step, "max_steps": self._max_steps}
+        return {"planned": self.planned, "seconds_per_step": self.seconds_per_step, "max_steps": self._max_steps,
+                "planned_for": self.planned_for}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.planned = state_dict.get("planned")
         self.seconds_per_step = state_dict.get("seconds_per_step")
         self._max_steps = state_dict.get("max_steps")
+        self.planned_for = state_dict.get("planned_for")  # None in checkpoints from before: the plan stands

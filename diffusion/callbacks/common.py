@@ -31,7 +31,9 @@ def sampling_module(trainer: Trainer, pl_module: LightningModule) -> LightningMo
 
 
 def run_dir(trainer: Trainer) -> Path:
-    """The run's own folder: where its checkpoints go (``<root>/<project>/<run id>`` for W&B)."""
+    """The run's own folder: where its checkpoints go (``<root>/<project>/<run id>`` for W&B). Without a
+    checkpoint folder it is ``trainer.log_dir``, which broadcasts under DDP: call it on every rank, never on rank 0
+    alone."""
     cb = trainer.checkpoint_callback
     if isinstance(cb, ModelCheckpoint) and cb.dirpath:
         return Path(cb.dirpath).parent
@@ -144,21 +146,29 @@ def is_last_step(trainer: Trainer) -> bool:
 
 
 def stop_requested(trainer: Trainer) -> bool:
-    """Whether a signal (SIGTERM, Ctrl-C) asked the run to stop (see ``FinalCheckpoint``): no time to evaluate."""
+    """Whether a signal (SIGTERM, Ctrl-C) asked the run to stop (see ``FinalCheckpoint``): no time to evaluate.
+    Under DDP the same answer on every rank at every step: a signal to one rank counts from the step the ranks
+    agreed on."""
     return any(getattr(cb, "stop_requested", None) for cb in getattr(trainer, "callbacks", ()))
 
 
 def due(trainer: Trainer, every_n_epochs: int) -> bool:
     """Evaluate this validation epoch? Every n epochs, and always at the end of training, unless a signal asked
-    the run to stop."""
+    the run to stop. Every input is the same on every rank under DDP (the step, the epoch, ``should_stop`` from
+    Lightning's broadcasting Timer or the agreed stops, the agreed budget's ``max_steps``), so the ranks decide
+    alike and meet in the evaluation's collectives."""
     if every_n_epochs <= 0 or trainer.sanity_checking or stop_requested(trainer):
         return False
     if trainer.state.fn != TrainerFn.FITTING:
         return True  # `validate` on its own
-    # should_stop: max_steps reached (ValidateAtLastStep), max_time's Timer, early stopping: the last validation.
-    final = (trainer.should_stop or is_last_step(trainer)
-             or (trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs))
-    return final or (trainer.current_epoch + 1) % every_n_epochs == 0
+    return final_validation(trainer) or (trainer.current_epoch + 1) % every_n_epochs == 0
+
+
+def final_validation(trainer: Trainer) -> bool:
+    """Whether this validation of a fit is its last: max_steps reached (``ValidateAtLastStep``), max_time's Timer,
+    early stopping (``should_stop``), or the last of ``max_epochs``."""
+    return bool(trainer.should_stop or is_last_step(trainer)
+                or (trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs))
 
 
 class ValidateAtLastStep(Callback):

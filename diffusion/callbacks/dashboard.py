@@ -91,8 +91,11 @@ class WandbDashboard(Callback):
     # --- images seen ---------------------------------------------------------------------------------------
     # Through the module's log, so that the value sits in the same rows as the losses and FIDs it is the x-axis
     # of (float32 there: exact to 16.7M images, a few images off beyond, which an axis does not show).
+    # Only at the steps Lightning writes: a Python number logged becomes a tensor on the module's device, a
+    # blocking host-to-GPU copy at every step otherwise (Lightning has no public "is this a logging step").
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        pl_module.log(dashboard.IMAGES_SEEN, float(images_seen(trainer)), on_step=True, on_epoch=False)
+        if trainer._logger_connector.should_update_logs or trainer.should_stop:
+            pl_module.log(dashboard.IMAGES_SEEN, float(images_seen(trainer)), on_step=True, on_epoch=False)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:

@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from diffusion import evaluation as ev
 from diffusion.callbacks.common import (
-    DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, log_line_chart, log_step, run_dir, sampling_module,
+    DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, final_validation, log_line_chart, log_step, run_dir,
+    sampling_module,
 )
 from diffusion.callbacks.dashboard import dashboard_of
 from diffusion.errors import ConfigError
@@ -35,6 +37,8 @@ class FIDEvaluation(ValidateAtLastStep):
         every_n_epochs: evaluate every n validation epochs (and at the end of training); 0 turns it off.
         num_real: training images for the real statistics (default: all of them).
         test_samplers: samplers for ``test`` (default: ``samplers``).
+        final_samplers: samplers for the last validation of a fit (default: ``samplers``), e.g. DDPM-1000 there
+            only, where it would cost most of a GPU run at every evaluation.
         test_num_samples: generated images per sampler in ``test`` (50,000 for paper-comparable numbers; 0 turns
             the test evaluation off).
         test_floor: in ``test``, also score the held-out split against the training statistics: the FID a
@@ -67,6 +71,7 @@ class FIDEvaluation(ValidateAtLastStep):
         every_n_epochs: int = 1,
         num_real: Optional[int] = None,
         test_samplers: Optional[Sequence[str]] = None,
+        final_samplers: Optional[Sequence[str]] = None,
         test_num_samples: int = 10_000,
         test_floor: bool = True,
         floor: bool = False,
@@ -86,6 +91,7 @@ class FIDEvaluation(ValidateAtLastStep):
         self.save_samples, self.cpu_limits, self.ema_lengths = save_samples, cpu_limits, [float(x) for x in ema_lengths]
         self.specs = ev.parse_samplers(samplers)
         self.test_specs = ev.parse_samplers(test_samplers) if test_samplers else self.specs
+        self.final_specs = ev.parse_samplers(final_samplers) if final_samplers else self.specs
         for name, value in (("num_samples", num_samples), ("test_num_samples", test_num_samples or 2), ("num_real", num_real)):
             if value is not None and value < 2:
                 raise ConfigError(f"FIDEvaluation: {name} must be at least 2 (FID needs a covariance), got {value}.")
@@ -106,13 +112,14 @@ class FIDEvaluation(ValidateAtLastStep):
     def metric_keys(self) -> list[str]:
         """The keys of the FIDs this callback logs, ``fid/<key>`` and ``test/fid/<key>``."""
         keys = [s.key for s in self.specs] + [f"{s.key}_ema{x:g}" for x in self.ema_lengths for s in self.specs]
-        return list(dict.fromkeys(keys + [s.key for s in self.test_specs]))
+        return list(dict.fromkeys(keys + [s.key for s in (*self.final_specs, *self.test_specs)]))
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         T = pl_module.schedule.num_timesteps
         ev.parse_samplers([s.text for s in self.specs], T)
         ev.parse_samplers([s.text for s in self.test_specs], T)
-        check_guidance([*self.specs, *self.test_specs], pl_module, "FIDEvaluation")
+        ev.parse_samplers([s.text for s in self.final_specs], T)
+        check_guidance([*self.specs, *self.test_specs, *self.final_specs], pl_module, "FIDEvaluation")
         if self.ema_lengths and stage == "fit" and not any(isinstance(c, PostHocEMA) for c in trainer.callbacks):
             raise ConfigError(
                 "FIDEvaluation.ema_lengths needs the PostHocEMA callback, whose profiles it rebuilds: add "
@@ -187,7 +194,9 @@ class FIDEvaluation(ValidateAtLastStep):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not due(trainer, self.every_n_epochs):
             return
-        results = self.evaluate(trainer, pl_module, self.specs, self.limited("num_samples", pl_module.device))
+        final = trainer.state.fn == TrainerFn.FITTING and final_validation(trainer)
+        specs = self.final_specs if final else self.specs
+        results = self.evaluate(trainer, pl_module, specs, self.limited("num_samples", pl_module.device))
         for key, r in results.items():
             pl_module.log(f"fid/{key}", r["fid"], sync_dist=True)  # the same on every rank; the mean keeps it
             pl_module.log(f"fid_seconds/{key}", r["seconds"], sync_dist=True)

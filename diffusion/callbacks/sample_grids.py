@@ -114,9 +114,10 @@ class SampleGrids(ValidateAtLastStep):
         return pl_module.schedule.q_sample(x0.expand(len(t), -1, -1, -1), t, noise.expand(len(t), -1, -1, -1)).cpu()
 
     def _emit(self, trainer: Trainer, key: str, image: Image.Image, name: str, caption: str) -> None:
+        folder = run_dir(trainer)  # on every rank: without a checkpoint folder it broadcasts trainer.log_dir
         if not trainer.is_global_zero:
             return
-        path = run_dir(trainer) / "images" / f"{name}.png"
+        path = folder / "images" / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         self.written.append(path)

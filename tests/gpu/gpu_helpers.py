@@ -20,6 +20,7 @@ from lightning.pytorch import Callback
 from conftest import CONFIGS, ROOT, run_cli
 from diffusion.callbacks import run_dir
 from diffusion.data import DeviceBatches
+from diffusion.ema import EMA
 
 HERE = Path(__file__).resolve().parent
 # Every test here: selected by `-m gpu`, skipped (at no cost) without CUDA, so CI's plain run reports them skipped.
@@ -100,8 +101,10 @@ class RecordSwitches(Callback):
         })
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        # The evaluation samples through pl_module (the EMA weights swapped in): its compiled sampling net, if any.
-        compiled = pl_module.fast.sampling_net is not None
+        # The evaluation samples through whichever module holds the EMA weights when it runs (pl_module while they
+        # are swapped in, else the EMA callback's average): either's compiled sampling net counts.
+        modules = [pl_module, *(cb.average_model for cb in trainer.callbacks if isinstance(cb, EMA) and cb.average_model)]
+        compiled = any(m.fast.sampling_net is not None for m in modules)
         self.record["sampling_compiled"] = self.record.get("sampling_compiled", False) or compiled
 
     def on_train_end(self, trainer, pl_module) -> None:  # after the last validation (ValidateAtLastStep)

@@ -77,7 +77,8 @@ def fitted(mnist_dir, tmp_path_factory):
     start = time.perf_counter()
     proc = cli("fit", "--config", config, "--data.init_args.data_dir", mnist_dir, "--trainer.default_root_dir", root,
                "--trainer.max_steps", 50, "--fid.samplers", "[ddim10]", "--fid.num_samples", EVAL_SAMPLES,
-               "--fid.num_real", 2048, *features(), "--sample_grids.samplers", "[ddpm1000, ddim10, dpmpp2m10]",
+               "--fid.final_samplers", "[ddim10]", "--fid.num_real", 2048, *features(),
+               "--sample_grids.samplers", "[ddpm1000, ddim10, dpmpp2m10]",
                "--sample_grids.num_images", 4)
     (ckpt,) = root.rglob("checkpoints/last.ckpt")
     return SimpleNamespace(root=root, proc=proc, ckpt=ckpt, seconds=time.perf_counter() - start)
