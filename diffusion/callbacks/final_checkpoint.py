@@ -69,6 +69,7 @@ class FinalCheckpoint(Callback):
         self._saving = False
         self._swapped = False  # interrupted inside a validation epoch, with the EMA's weights in the model
         self._evaluating = False  # in a validation of the fit (its FID, grids), the step saved before it
+        self._resave = False  # the final evaluation ended after its step was saved: save once more
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         install_atomic_checkpoints(trainer)
@@ -165,6 +166,9 @@ class FinalCheckpoint(Callback):
             self._stop_if_asked(swapped=True)  # every on_validation_epoch_start has run: the EMA swapped in
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The final evaluation ran to its end: last.ckpt is written again after it, so that it also holds what the
+        # evaluation recorded (the dashboard's FID history, the checkpoint callback's metrics) for a resume.
+        self._resave = self._evaluating and self._saved_step == trainer.global_step and final_validation(trainer)
         self._evaluating = False
         self._stop_if_asked()
 
@@ -243,12 +247,14 @@ class FinalCheckpoint(Callback):
         # Lightning 2.6's ModelCheckpoint writes last.ckpt again in its on_train_end unless it saved one itself,
         # by then with the EMA average copied over the raw weights (WeightAveraging.on_train_end): mark it saved.
         cb._last_checkpoint_saved, cb._last_global_step_saved = str(path), trainer.global_step
-        self.saved, self._saved_step = path, trainer.global_step
+        self.saved, self._saved_step, self._resave = path, trainer.global_step, False
         rank_zero_info(f"Saved {path} (step {trainer.global_step}).")
         return path
 
     def _stale(self, trainer: Trainer) -> bool:
         cb = self._checkpoint_callback(trainer)
+        if cb is not None and self._resave:
+            return True
         if cb is None or self._saved_step == trainer.global_step:
             return False
         last = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
