@@ -26,6 +26,7 @@ from diffusion.errors import TrainingDiverged
 from diffusion.module import DiffusionModel
 from diffusion.objective import Objective
 from diffusion.unet import UNet
+from fault_helpers import Faults
 from test_training import tiny_model
 
 PERIOD = 4  # log_every_n_steps and the NaN guard's period in the fit below
@@ -116,36 +117,32 @@ def test_training_steps_read_nothing_on_the_host_but_at_logging_and_check_steps(
     assert any("ema.py" in r for r in reads[0]) and not any("ema.py" in r for r in reads[1]), (reads[0], reads[1])
 
 
-def test_the_nan_guard_checks_every_n_steps_and_reports_the_step_it_went_bad():
+def nan_at_step_5(monkeypatch) -> Faults:
+    """The fault tests' helper, feeding NaN images to step 5."""
+    monkeypatch.setenv("NAN_AT_STEP", "5")
+    return Faults()
+
+
+def test_the_nan_guard_checks_every_n_steps_and_reports_the_step_it_went_bad(monkeypatch):
     seed_everything(0)
     model = tiny_model()
     model.nan_check_every_n_steps = PERIOD
 
-    class NaNAt(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 5:
-                batch[0].fill_(float("nan"))
-
     with pytest.raises(TrainingDiverged, match="not finite at step 5, found at step 7 .*every 4 steps") as e:
-        fit(model, 20, [NaNAt()])
+        fit(model, 20, [nan_at_step_5(monkeypatch)])
     assert e.value.weights_damaged
 
 
-def test_the_nan_guard_checks_before_every_periodic_checkpoint(tmp_path):
+def test_the_nan_guard_checks_before_every_periodic_checkpoint(tmp_path, monkeypatch):
     seed_everything(0)
     model = tiny_model()
     model.nan_check_every_n_steps = PERIOD
-
-    class NaNAt(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 5:
-                batch[0].fill_(float("nan"))
 
     saves = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, save_last=True)
     # Step 5 is no check step of the period (4), but a checkpoint follows it (step 6): checked there, before
     # backward, so neither that checkpoint nor last.ckpt holds a weight the NaN touched.
     with pytest.raises(TrainingDiverged, match="The loss is nan at step 5") as e:
-        fit(model, 20, [NaNAt(), saves, FinalCheckpoint(signals=False)], enable_checkpointing=True)
+        fit(model, 20, [nan_at_step_5(monkeypatch), saves, FinalCheckpoint(signals=False)], enable_checkpointing=True)
     assert not getattr(e.value, "weights_damaged", False)
     last = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert last["global_step"] == 5
