@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the package lives in the repository root
     sys.path.insert(0, str(ROOT))
 
-DEFAULT_FID_WEIGHTS = ROOT.parent / "shared" / "fid" / "pt_inception-2015-12-05-fc-zero.pth"
 # A small U-Net, 20 timesteps (so DDPM runs all of them in seconds), small batches: the --quick mode of the
 # benchmarks. They come before the overrides given after `--`, which therefore win.
 QUICK_OVERRIDES = [
@@ -102,19 +101,17 @@ def peak_memory(device) -> dict[str, Any]:
 # --- FID weights ------------------------------------------------------------------------------------------
 def resolve_fid_weights(fid, explicit: Optional[str], device_type: str) -> tuple[Optional[str], Optional[str]]:
     """(description of the features, reason to skip) for a ``FIDEvaluation`` callback. Sets its weights path
-    when it comes from ``explicit`` (--fid_weights) or the shared offline copy."""
+    when it comes from ``explicit`` (--fid_weights)."""
     from diffusion.evaluation import WEIGHTS_ENV
 
     if fid.feature_extractor is not None:
         return f"custom: {type(fid.feature_extractor).__qualname__}", None
     if explicit:
         fid.weights_path = str(Path(explicit).expanduser())
-    elif not fid.weights_path and not os.environ.get(WEIGHTS_ENV) and DEFAULT_FID_WEIGHTS.is_file():
-        fid.weights_path = str(DEFAULT_FID_WEIGHTS)
     path = fid.weights_path or os.environ.get(WEIGHTS_ENV)
     if path is None and device_type == "cpu":
-        return None, (f"no FID Inception weights: pass --fid_weights, set fid.weights_path or ${WEIGHTS_ENV}, or put "
-                      f"them at {DEFAULT_FID_WEIGHTS} (the benchmark does not download them on a CPU)")
+        return None, (f"no FID Inception weights: pass --fid_weights, set fid.weights_path or ${WEIGHTS_ENV} (the "
+                      f"benchmark does not download them on a CPU)")
     return f"inception-2048: {path or 'torchmetrics download'}", None
 
 

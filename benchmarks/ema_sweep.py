@@ -32,7 +32,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     p = argparse.ArgumentParser(
         prog="benchmarks/ema_sweep.py",
         description="FID of post-hoc EMA lengths rebuilt from a checkpoint's PostHocEMA profiles, with a plot. "
-        "LightningCLI overrides go after `--`, e.g. `-- --data.init_args.data_dir ../shared/data`.",
+        "LightningCLI overrides go after `--`, e.g. `-- --data.init_args.data_dir DIR`.",
     )
     p.add_argument("--ckpt", required=True, help="checkpoint of a run trained with the PostHocEMA callback")
     p.add_argument("--config", default=str(ROOT / "configs" / "mnist_cpu.yaml"), help="LightningCLI YAML for the data and FID settings (default: configs/mnist_cpu.yaml)")

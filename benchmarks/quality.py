@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="benchmarks/quality.py",
         description="Train a config for a wall-clock budget, then the FID of its EMA weights per sampler, with the "
-        "data's floor. LightningCLI overrides go after `--`, e.g. `-- --data.init_args.data_dir ../shared/data`.",
+        "data's floor. LightningCLI overrides go after `--`, e.g. `-- --data.init_args.data_dir DIR`.",
     )
     p.add_argument("--config", default=str(ROOT / "configs" / "mnist_cpu.yaml"), help="LightningCLI YAML (default: configs/mnist_cpu.yaml)")
     p.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes of wall time (Lightning's max_time; the config's max_steps or max_epochs still end training if they come first)")
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line on stdout (the last one: kind 'summary')")
     p.add_argument("--quick", action="store_true", help="a small U-Net, a few steps and images: a smoke run in seconds")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU ops); default: torch's choice")
-    p.add_argument("--fid_weights", default=None, help="Inception weights (default: the config's fid.weights_path, $DIFFUSION_FID_WEIGHTS, or ../shared/fid)")
+    p.add_argument("--fid_weights", default=None, help="Inception weights (default: the config's fid.weights_path, else $DIFFUSION_FID_WEIGHTS)")
     p.add_argument("--fid_cache", default=None, help="cache of the reference statistics (default: the config's fid.cache_dir, $DIFFUSION_FID_CACHE, ~/.cache/diffusion/fid)")
     p.add_argument("--ema_length", default=None, help="comma-separated post-hoc EMA lengths (sigma_rel, e.g. 0.05,0.08,0.1) to score, each "
                    "rebuilt from the checkpoint's PostHocEMA profiles, instead of its fixed EMA; one record per (length, sampler)")

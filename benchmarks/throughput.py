@@ -3,7 +3,7 @@
 
     python benchmarks/throughput.py --config configs/mnist.yaml --json
     python benchmarks/throughput.py --config configs/mnist.yaml --device cpu --quick -- \\
-        --data.init_args.data_dir ../shared/data
+        --data.init_args.data_dir DIR
 
 One record per measurement: the environment first, then training, each sampler, evaluation. With ``--json``
 each record is one JSON object on its own line of stdout (everything else, Lightning's output included, goes
@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, however this file is run
 from common import (  # noqa: E402
-    DEFAULT_FID_WEIGHTS, QUICK_OVERRIDES, ROOT, Emitter, device_name, diffusion_cli, fmt, guarded_main,
+    QUICK_OVERRIDES, ROOT, Emitter, device_name, diffusion_cli, fmt, guarded_main,
     peak_memory, precision_context, reset_peak, resolve_fid_weights, software, split_overrides, sync,
 )
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_test_samples", type=int, default=None, help="samples per sampler of the final test (default: fid.test_num_samples)")
     p.add_argument("--eval_real", type=int, default=None, help="real images for the FID statistics (default: fid.num_real)")
     p.add_argument("--eval_samplers", default=None, help="comma-separated sampler specs for evaluation (default: the config's)")
-    p.add_argument("--fid_weights", default=None, help=f"Inception weights (default: the config's, $DIFFUSION_FID_WEIGHTS, else {DEFAULT_FID_WEIGHTS} if it exists)")
+    p.add_argument("--fid_weights", default=None, help="Inception weights (default: the config's, else $DIFFUSION_FID_WEIGHTS)")
     p.add_argument("--fid_cache", default=None, help="cache of real FID statistics (default: a fresh temporary folder, so computing them is measured)")
     p.add_argument("--seed", type=int, default=0, help="seed of every torch.Generator and of the training steps")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU ops); default: torch's choice")
