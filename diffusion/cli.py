@@ -40,6 +40,7 @@ from diffusion.dashboard import run_name
 from diffusion.objective import SCHEDULE_ARGS, edm_preconditioned
 from diffusion.samplers import slerp
 from diffusion.errors import CheckpointError, ConfigError, EvaluationStopped, find_user_error
+from diffusion.fid_stats import to_uint8
 from diffusion.progress import StepProgress, close_open_bars, progress_bars
 from diffusion.runs import (
     SaveAndLogConfig, config_name, cpu_has_native_bf16, is_wandb, launcher_job, left_checkpoint, new_run_id,
@@ -85,12 +86,6 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: Optional[int] = None
     nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
     save_image(images.float().add(1).div(2).clamp(0, 1), path, nrow=nrow, padding=2)
     return path
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C], rounded (not truncated)."""
-    x = images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def check_output_path(out: str | Path) -> Path:
@@ -527,7 +522,7 @@ class DiffusionCLI(LightningCLI):
         seconds = time.perf_counter() - start
         path = save_grid(images, out, nrow=nrow)
         if save_npz:
-            np.savez_compressed(path.with_suffix(".npz"), images=to_uint8(images))
+            np.savez_compressed(path.with_suffix(".npz"), images=to_uint8(images).permute(0, 2, 3, 1).numpy())
         rank_zero_info(f"Wrote {num_samples} samples to {path} in {seconds:.1f} s ({num_samples / seconds:.1f} images/s).")
         return path
 
