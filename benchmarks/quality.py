@@ -191,7 +191,7 @@ def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None,
     (rebuilt from ``checkpoint``) where given. ``grids``: filled with each record key's first images."""
     from diffusion import evaluation as ev
     from diffusion.callbacks import FIDEvaluation
-    from diffusion.cli import save_grid
+    from diffusion.generate import save_grid
     from diffusion.progress import progress_bars
 
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule

@@ -6,23 +6,17 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from PIL import Image
-from torchvision.utils import save_image
 
 from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, TimestepDiagnostics
 from diffusion.callbacks.budget import TrainingBudget
@@ -32,15 +26,15 @@ from diffusion.callbacks.distill import DistillationRounds
 from diffusion.callbacks.final_checkpoint import FinalCheckpoint
 from diffusion.callbacks.threads import ThreadTuning
 from diffusion.checkpoint_io import storage_error
-from diffusion.checks import check, check_options
+from diffusion.checks import check
 from diffusion.data import DiffusionDataModule
+from diffusion.generate import generate_images
 from diffusion.lock import lock_run, release_run
 from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, refuse_old_layout
 from diffusion.dashboard import run_name
 from diffusion.objective import SCHEDULE_ARGS, edm_preconditioned
-from diffusion.samplers import slerp
 from diffusion.errors import CheckpointError, ConfigError, EvaluationStopped, find_user_error
-from diffusion.progress import StepProgress, close_open_bars, progress_bars
+from diffusion.progress import close_open_bars, progress_bars
 from diffusion.runs import (
     SaveAndLogConfig, config_name, cpu_has_native_bf16, is_wandb, launcher_job, left_checkpoint, new_run_id,
     read_checkpoint, run_root, state_dict_mismatch, training_run_id, unreadable_checkpoint,
@@ -76,43 +70,6 @@ def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> dict:
         )
     model.load_state_dict(state)
     return checkpoint
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: Optional[int] = None) -> Path:
-    """Images in [-1, 1] as a PNG grid, ``nrow`` per row (a square grid by default)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    save_image(images.float().add(1).div(2).clamp(0, 1), path, nrow=nrow, padding=2)
-    return path
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C], rounded (not truncated)."""
-    x = images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def check_output_path(out: str | Path) -> Path:
-    """``out`` as a path the sample grid can be written to; checked before sampling, which can take minutes."""
-    path = Path(out).expanduser()
-    if path.is_dir():
-        raise ConfigError(f"--out {path} is a folder: give a file name, e.g. --out {path / 'samples.png'}.")
-    if path.suffix.lower() not in Image.registered_extensions():
-        raise ConfigError(
-            f"--out {path}: PIL cannot tell an image format from {path.suffix or 'no extension'!r}; end it in .png."
-        )
-    fix = "Pass --out a file in a folder that exists or can be created, and that you can write to."
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as e:
-        reason = f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
-        raise ConfigError(f"Cannot write samples to {path} ({reason}). {fix}") from e
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ConfigError(f"Cannot write samples to {path}: the file is read-only. {fix}")
-    return path
 
 
 # Options that name a file or folder: (key, flag, what to pass). A null one that has a default when left out
@@ -440,120 +397,14 @@ class DiffusionCLI(LightningCLI):
             if value and key in init_args and init_args.get(key) is None and not os.environ.get(variable):
                 init_args[key] = value
 
-    def sample(
-        self,
-        model: LightningModule,
-        ckpt_path: str,
-        datamodule: Optional[LightningDataModule] = None,
-        sampler: Optional[str] = None,
-        steps: Optional[int] = None,
-        eta: Optional[float] = None,
-        num_samples: int = 64,
-        batch_size: int = 256,
-        seed: int = 0,
-        out: str = "samples.png",
-        save_npz: bool = False,
-        class_label: Optional[int] = None,
-        guidance: Optional[float] = None,
-        interpolate: int = 0,
-        ema_length: Optional[float] = None,
-    ) -> Path:
+    def sample(self, model: LightningModule, datamodule: Optional[LightningDataModule] = None, **options) -> Path:
         """Generate images from a checkpoint's EMA weights and write them as a PNG grid.
 
-        Args:
-            ckpt_path: checkpoint written by ``fit`` (its ``state_dict`` holds the EMA weights).
-            sampler: a name from the sampler registry, ``ddpm``, ``ddim`` or ``dpmpp2m`` (DPM-Solver++(2M)) (default:
-                the model's ``sampling.sampler``).
-            steps: sampling steps (default: all T for ``ddpm``, the model's ``sampling.steps`` for the others).
-            eta: DDIM's noise scale (0: deterministic; 1: DDPM-like).
-            num_samples: images to generate.
-            batch_size: images per forward pass.
-            seed: seeds a CPU ``torch.Generator``: the same seed gives the same images.
-            out: PNG file for the grid.
-            save_npz: also write the images as uint8 [N, H, W, C] to ``out`` with suffix ``.npz``.
-            class_label: a class-conditional model: generate this class only. Without it, the grid has one row
-                per class (num_samples is rounded up to a multiple of the number of classes).
-            guidance: classifier-free guidance scale w (default: the model's ``sampling.guidance``; 0: the plain
-                conditional model).
-            interpolate: write an interpolation strip of this many images instead: two noises drawn from
-                ``seed``, spherically interpolated, each sampled with a deterministic sampler (``ddim`` with
-                eta 0, or ``dpmpp2m``); a class-conditional model without ``class_label`` gets one strip per
-                class from the same two noises. ``num_samples`` is ignored.
-            ema_length: sample from the post-hoc EMA of this length (sigma_rel, a fraction of the training length,
-                e.g. 0.08) rebuilt from the checkpoint's PostHocEMA profiles, instead of its fixed EMA.
+        jsonargparse reads the subcommand's flags, and their help, from ``generate_images``, where ``options`` go.
         """
-        # Before the checkpoint is read: a NaN guidance would otherwise sample a grid of black images.
-        check_options("--", num_samples=num_samples, batch_size=batch_size, seed=seed, eta=eta, guidance=guidance,
-                      class_label=class_label)
-        check("sigma_rel", ema_length, "--ema_length")
-        out = check_output_path(out)
-        checkpoint = load_weights(model, ckpt_path)
-        model.check_sampling(sampler, steps)
-        if ema_length is not None:
-            from diffusion.phema import rebuild
-
-            model.load_state_dict(rebuild(checkpoint, ema_length, source=str(ckpt_path)))
-        num_classes = model.num_classes
-        nrow = None
-        if class_label is not None:
-            labels = torch.full((num_samples,), class_label, dtype=torch.long)
-            model.sample_labels(1, class_label)  # a label out of range fails now, with its message
-        elif num_classes:
-            per_class = math.ceil(num_samples / num_classes)
-            num_samples, nrow = per_class * num_classes, per_class
-            labels = torch.arange(num_samples) // per_class
-        else:
-            labels = None
-        x_T = None
-        if interpolate:
-            x_T, labels = self._interpolation_noise(model, interpolate, sampler, eta, seed, class_label)
-            num_samples, nrow = x_T.shape[0], interpolate
-        device = self.trainer.strategy.root_device
-        model.to(device).eval()
-        model.apply_memory_format(device)  # no Trainer hook runs here to do it (channels_last: on on a GPU)
-        generator = torch.Generator().manual_seed(seed)
-        start = time.perf_counter()
-        chunks = []
-        desc = f"Sampling {num_samples} images with {sampler or model.sampling.sampler}"
-        with self.trainer.precision_plugin.forward_context(), \
-                StepProgress(progress_bars(self.trainer), math.ceil(num_samples / batch_size), desc) as progress:
-            for begin in range(0, num_samples, batch_size):
-                n = min(batch_size, num_samples - begin)
-                y = None if labels is None else labels[begin : begin + n]
-                x = None if x_T is None else x_T[begin : begin + n]
-                chunks.append(model.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                                           x_T=x, labels=y, guidance=guidance, progress=progress).cpu())
-        images = torch.cat(chunks)
-        seconds = time.perf_counter() - start
-        path = save_grid(images, out, nrow=nrow)
-        if save_npz:
-            np.savez_compressed(path.with_suffix(".npz"), images=to_uint8(images))
-        rank_zero_info(f"Wrote {num_samples} samples to {path} in {seconds:.1f} s ({num_samples / seconds:.1f} images/s).")
-        return path
-
-    @staticmethod
-    def _interpolation_noise(model, num: int, sampler, eta, seed: int, class_label):
-        """x_T for ``sample --interpolate``: one slerp strip between two seeded noises per row, and the labels."""
-        if num < 2:
-            raise ConfigError(f"--interpolate needs at least 2 images (both endpoints), got {num}.")
-        name = model.sampling.sampler if sampler is None else sampler
-        eta = model.sampling.eta if eta is None else eta
-        if name == "ddpm" or (name == "ddim" and eta):
-            raise ConfigError(
-                f"Interpolation needs a deterministic sampler, but {name!r}"
-                + (f" with eta={eta}" if name == "ddim" else "")
-                + " adds fresh noise at every step: use --sampler ddim --eta 0, or --sampler dpmpp2m."
-            )
-        generator = torch.Generator().manual_seed(seed)
-        shape = (model.net.in_channels, model.net.image_size, model.net.image_size)
-        a, b = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-        strip = slerp(a, b, [i / (num - 1) for i in range(num)])
-        if class_label is not None:
-            return strip, torch.full((num,), class_label, dtype=torch.long)
-        if model.num_classes:
-            rows = model.num_classes
-            return strip.repeat(rows, 1, 1, 1), torch.arange(rows).repeat_interleave(num)
-        return strip, None
+        return generate_images(model, device=self.trainer.strategy.root_device,
+                               precision=self.trainer.precision_plugin.forward_context,
+                               bars=progress_bars(self.trainer), **options)
 
 
 def main(args=None) -> None:

@@ -27,13 +27,18 @@ CACHE_ENV = "DIFFUSION_FID_CACHE"
 
 
 # --- images and seeds ----------------------------------------------------------------------------------
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] float [N, C, H, W] to uint8 [N, C, H, W], rounded to nearest (not truncated)."""
+    return images.detach().float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 def to_fid_uint8(images: Tensor) -> Tensor:
     """[-1, 1] float [N, C, H, W] to uint8 RGB, rounded to nearest.
 
     torchmetrics' ``normalize=True`` maps [0, 1] floats with ``(x * 255).byte()``, which truncates: every pixel
     drops by half a level on average, a bias that real images (exact uint8) do not have.
     """
-    x = images.detach().float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    x = to_uint8(images)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 

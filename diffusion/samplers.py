@@ -426,27 +426,3 @@ def slerp(a: Tensor, b: Tensor, weights: Sequence[float] | Tensor) -> Tensor:
 
     return torch.stack([mix(w) for w in ws])
 
-
-@torch.no_grad()
-def interpolate(
-    denoiser: Denoiser,
-    schedule: NoiseSchedule,
-    x_T_a: Tensor,
-    x_T_b: Tensor,
-    timesteps: Tensor,
-    num: int = 8,
-    *,
-    sampler: Callable[..., Tensor] = ddim_sample,
-    **options,
-) -> Tensor:
-    """Samples along the great circle between two noises: [num, C, H, W], rows 0 and num-1 being the samples
-    of ``x_T_a`` and ``x_T_b`` ([C, H, W] or [1, C, H, W] each).
-
-    All ``num`` slerped noises (weights 0, 1/(num-1), ..., 1) go through ``sampler`` in one batch; ``options``
-    are passed on to it (``clip_x0``, ``eta``, ...). Use a deterministic sampler (``ddim`` with eta=0,
-    ``dpmpp2m``), or the rows are not a smooth path.
-    """
-    if num < 2:
-        raise ConfigError(f"interpolate needs num >= 2 to include both endpoints, got {num}.")
-    x_T = slerp(x_T_a.float(), x_T_b.float(), [i / (num - 1) for i in range(num)])
-    return sampler(denoiser, schedule, x_T, timesteps, **options)

@@ -15,10 +15,9 @@ from PIL import Image
 
 from conftest import CONFIGS, ROOT
 from conftest import run_cli as cli
-from diffusion.cli import (
-    DiffusionCLI, SaveAndLogConfig, check_output_path, command_line_model_keys, load_weights, save_grid,
-)
+from diffusion.cli import DiffusionCLI, SaveAndLogConfig, command_line_model_keys, load_weights
 from diffusion.errors import CheckpointError, ConfigError
+from diffusion.generate import check_output_path, save_grid
 from diffusion.module import DiffusionModel
 from diffusion.unet import UNet
 from wandb_offline import read_run, read_runs, table_rows

@@ -219,7 +219,7 @@ def test_the_student_samples_at_its_steps_without_flags(tuned, ect_config, tmp_p
     import numpy as np
     from PIL import Image
 
-    from diffusion.cli import save_grid
+    from diffusion.generate import save_grid
     from diffusion.module import DiffusionModel
 
     root, _ = tuned

@@ -238,7 +238,7 @@ def test_a_distillation_resumed_mid_round_ends_with_the_same_students(distill_co
 
 def test_a_student_samples_at_its_steps_and_takes_the_test_table(distilled, distill_config, mnist_dir, tmp_path,
                                                                   cli_ok):
-    from diffusion.cli import save_grid
+    from diffusion.generate import save_grid
     from diffusion.module import DiffusionModel
 
     root, _ = distilled

@@ -10,10 +10,10 @@ from diffusion.samplers import (
     ddpm_sample,
     dpmpp2m_sample,
     get_sampler,
-    interpolate,
     make_timesteps,
     slerp,
 )
+from diffusion.generate import interpolation_noise
 from diffusion.module import DiffusionModel
 from diffusion.schedule import NoiseSchedule
 from diffusion.unet import UNet
@@ -356,13 +356,20 @@ def _conv_denoiser():
     return lambda x, t: net(x) * (1 + t.view(-1, 1, 1, 1) / 1000)
 
 
+def _strip(num, sampler):
+    """`sample --interpolate`'s noises for a 1x8x8 model, from seed 4."""
+    model = DiffusionModel(UNet(base_channels=8, channel_mults=(1,), num_res_blocks=1, attention_resolutions=[],
+                                num_heads=1, in_channels=1, image_size=8))
+    return interpolation_noise(model, num, sampler.__name__.removesuffix("_sample"), 0.0, 4, None)[0]
+
+
 @pytest.mark.parametrize("sampler", [ddim_sample, dpmpp2m_sample])
 def test_interpolate_ends_on_the_endpoint_samples(schedule, sampler):
     g = torch.Generator().manual_seed(4)
     a, b = torch.randn(1, 1, 8, 8, generator=g), torch.randn(1, 1, 8, 8, generator=g)
     ts = make_timesteps(1000, 10)
     # An elementwise denoiser does the same arithmetic whatever the batch: the ends match bit for bit.
-    out = interpolate(wobbly_denoiser, schedule, a, b, ts, 5, sampler=sampler)
+    out = sampler(wobbly_denoiser, schedule, _strip(5, sampler), ts)
     assert out.shape == (5, 1, 8, 8) and torch.isfinite(out).all()
     assert torch.equal(out[0], sampler(wobbly_denoiser, schedule, a, ts)[0])
     assert torch.equal(out[-1], sampler(wobbly_denoiser, schedule, b, ts)[0])
@@ -370,13 +377,12 @@ def test_interpolate_ends_on_the_endpoint_samples(schedule, sampler):
     # A convolution may pick another kernel for another batch size: equal up to float rounding.
     den = _conv_denoiser()
     with torch.no_grad():
-        out = interpolate(den, schedule, a[0], b[0], ts, 4, sampler=sampler, clip_x0=False)
+        out = sampler(den, schedule, _strip(4, sampler), ts, clip_x0=False)
         assert out.shape == (4, 1, 8, 8)
         assert (out[0] - sampler(den, schedule, a, ts, clip_x0=False)[0]).abs().max() <= 1e-4 * out[0].abs().max()  # |x| ~3e3: relative, ~3e-7 seen
         assert (out[-1] - sampler(den, schedule, b, ts, clip_x0=False)[0]).abs().max() <= 1e-4 * out[-1].abs().max()
 
 
 def test_interpolate_needs_both_endpoints(schedule):
-    a = torch.randn(1, 1, 4, 4)
-    with pytest.raises(ConfigError, match="num >= 2"):
-        interpolate(wobbly_denoiser, schedule, a, a, make_timesteps(1000, 5), 1)
+    with pytest.raises(ConfigError, match="at least 2 images"):
+        _strip(1, ddim_sample)
