@@ -25,6 +25,7 @@ from diffusion.callbacks.dashboard import WandbDashboard, dashboard_of
 from diffusion.callbacks.distill import DistillationRounds
 from diffusion.callbacks.final_checkpoint import FinalCheckpoint
 from diffusion.callbacks.threads import ThreadTuning
+from diffusion.callbacks.wiring import wire
 from diffusion.checkpoint_io import storage_error
 from diffusion.checks import check
 from diffusion.data import DiffusionDataModule
@@ -328,6 +329,8 @@ class DiffusionCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        # The one place that looks into trainer.callbacks: the wiring of what the callbacks take from each other.
+        wire(self.trainer.callbacks)
         dashboard = dashboard_of(self.trainer)
         if dashboard is not None:
             dashboard.run_id, dashboard.training_run = self.run_id, self.training_run

@@ -72,10 +72,9 @@ def loggable_config(config: Namespace) -> dict:
     return plain
 
 
-def run_summary(config: Namespace, trainer: Trainer, pl_module: LightningModule) -> dict:
+def run_summary(config: Namespace, trainer: Trainer, pl_module: LightningModule, ema: Optional[EMA] = None) -> dict:
     """A flat block to group and compare runs by, read from the running Trainer: devices, precision and batch as
-    resolved (``devices: auto`` on 4 GPUs is 4), not as written."""
-    ema = next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
+    resolved (``devices: auto`` on 4 GPUs is 4), not as written; the EMA's decay where the run has one."""
     batch = getattr(trainer.datamodule, "batch_size", None)
     accumulate = trainer.accumulate_grad_batches
     return {
@@ -97,6 +96,8 @@ class SaveAndLogConfig(SaveConfigCallback):
     ``run/*`` block: Lightning logs only the model's and the data's hyperparameters, which leave out the EMA, the
     evaluation settings, the precision, the devices and the seed that runs are compared by. Rank 0 only."""
 
+    ema: Optional[EMA] = None  # handed over by ``diffusion.callbacks.wiring.wire``: its decay is in ``run/*``
+
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not trainer.loggers:
             return
@@ -104,7 +105,7 @@ class SaveAndLogConfig(SaveConfigCallback):
         # HParams tab keeps the first set a run logs.
         own = {**getattr(pl_module, "hparams_initial", {}), **getattr(trainer.datamodule, "hparams_initial", {})}
         own.pop("_class_path", None)  # LightningCLI's bookkeeping, left out as Lightning does
-        params = {**own, **loggable_config(self.config), **run_summary(self.config, trainer, pl_module)}
+        params = {**own, **loggable_config(self.config), **run_summary(self.config, trainer, pl_module, self.ema)}
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
 

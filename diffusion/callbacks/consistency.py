@@ -33,6 +33,7 @@ class ConsistencyTuningRun(Callback):
     def __init__(self) -> None:
         self._started = False  # restored from a checkpoint: the student is past its teacher
         self._fingerprint: Optional[str] = None  # of the teacher's weights
+        self.ema: Optional[EMA] = None  # handed over by diffusion.callbacks.wiring.wire: its copy starts as the teacher
 
     @staticmethod
     def objective(pl_module: LightningModule) -> Optional[ConsistencyTuning]:
@@ -87,7 +88,7 @@ class ConsistencyTuningRun(Callback):
         load_teacher_weights(teacher, checkpoint, path)
         state = teacher.net.state_dict()
         pl_module.net.load_state_dict(state)
-        ema = next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
+        ema = self.ema
         if ema is not None and ema.average_model is not None:
             ema.average_model.net.load_state_dict(state)
         self._started = True

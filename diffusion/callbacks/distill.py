@@ -154,6 +154,7 @@ class DistillationRounds(Callback):
         self._first: Optional[LightningModule] = None  # the checkpoint's model: what the students are compared with
         self._restored: Optional[dict] = None
         self._fingerprint: Optional[str] = None  # of the first teacher's weights
+        self.ema: Optional[EMA] = None  # handed over by diffusion.callbacks.wiring.wire: its copy starts as the teacher
 
     @staticmethod
     def objective(pl_module: LightningModule) -> Optional[ProgressiveDistillation]:
@@ -249,7 +250,7 @@ class DistillationRounds(Callback):
         # A new distillation: the student and its EMA start as the teacher.
         state = self._first.net.state_dict()
         pl_module.net.load_state_dict(state)
-        ema = next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
+        ema = self.ema
         if ema is not None and ema.average_model is not None:
             ema.average_model.net.load_state_dict(state)
         self.begin(pl_module, objective, self._first, 0)

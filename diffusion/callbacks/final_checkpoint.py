@@ -60,6 +60,10 @@ class FinalCheckpoint(Callback):
         self._previous: dict[int, Any] = {}
         self.saved: Optional[Path] = None
         self._saved_step: Optional[int] = None
+        # Handed over by ``diffusion.callbacks.wiring.wire``: the EMA copies to swap back after an interrupted
+        # validation, and the evaluations' cadences (every n validations) before which the step is saved.
+        self.weight_averaging: list[WeightAveraging] = []
+        self.evaluation_cadences: list[int] = []
         self._reset_interrupts()
 
     def _reset_interrupts(self) -> None:
@@ -153,13 +157,11 @@ class FinalCheckpoint(Callback):
             self.save(trainer)
         self._evaluating = not self._stale(trainer)
 
-    @staticmethod
-    def _evaluation_due(trainer: Trainer) -> bool:
+    def _evaluation_due(self, trainer: Trainer) -> bool:
         if final_validation(trainer):
             return True
-        # FIDEvaluation's and SampleGrids' cadence (common.due: every n validations, never after a signal)
-        return any(isinstance(getattr(cb, "every_n_epochs", None), int) and due(trainer, cb.every_n_epochs)
-                   for cb in trainer.callbacks)
+        # The evaluations' cadence (common.due: every n validations, never after a signal)
+        return any(due(trainer, n) for n in self.evaluation_cadences)
 
     def on_validation_batch_start(self, trainer: Trainer, *args: Any) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
@@ -320,8 +322,8 @@ class FinalCheckpoint(Callback):
             rank_zero_info("Stopped; no step had finished, nothing to save.")
             return
         if self._swapped:  # interrupted inside a validation epoch: the raw weights back in the model
-            for cb in trainer.callbacks:
-                if isinstance(cb, WeightAveraging) and cb._average_model is not None:
+            for cb in self.weight_averaging:
+                if cb._average_model is not None:
                     cb._swap_models(pl_module)
         if not self._stale(trainer):
             rank_zero_info(f"Stopped; {self.saved} holds step {trainer.global_step} already.")

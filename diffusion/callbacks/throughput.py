@@ -32,6 +32,7 @@ class Throughput(Callback):
         self._images = 0
         self._steps = 0
         self._estimate: Optional[tuple[float, int]] = None  # (start time, global step) of the estimate's timing
+        self.timer: Optional[Timer] = None  # max_time's, handed over by diffusion.callbacks.wiring.wire
         self.estimated_seconds: Optional[float] = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -52,7 +53,7 @@ class Throughput(Callback):
         per_step = (now - start) / done
         left = trainer.estimated_stepping_batches - trainer.global_step
         seconds = per_step * left if math.isfinite(left) else math.inf
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        timer = self.timer
         if timer is not None and timer.time_remaining() is not None:
             seconds = min(seconds, timer.time_remaining())
         self.estimated_seconds = seconds
