@@ -63,6 +63,11 @@ class SamplerSpec:
         return cls(match["name"], steps, guidance)
 
     @property
+    def sampler(self):
+        """The registry's record of this spec's sampler."""
+        return SAMPLERS[self.name]
+
+    @property
     def key(self) -> str:
         return f"{self.name}{self.steps}" + ("" if self.guidance is None else f"_w{self.guidance:g}")
 
@@ -77,7 +82,7 @@ def parse_samplers(specs: Sequence[str], num_timesteps: Optional[int] = None) ->
         raise ConfigError(f"Samplers listed twice in {list(specs)}.")
     if num_timesteps is not None:
         for p in parsed:
-            if p.steps > num_timesteps or (p.name == "ddpm" and p.steps != num_timesteps):
+            if p.steps > num_timesteps or (p.sampler.all_timesteps and p.steps != num_timesteps):
                 raise ConfigError(
                     f"Sampler {p.key} does not fit the model's {num_timesteps} timesteps: ddpm takes all of them "
                     f"(ddpm{num_timesteps}), others at most {num_timesteps}."

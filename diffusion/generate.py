@@ -25,7 +25,7 @@ from diffusion.errors import ConfigError
 from diffusion.fid_stats import to_uint8
 from diffusion.module import DiffusionModel
 from diffusion.progress import Factory, StepProgress, progress_bars
-from diffusion.samplers import slerp
+from diffusion.samplers import sampler as sampler_record, slerp
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: Optional[int] = None) -> Path:
@@ -59,16 +59,18 @@ def check_output_path(out: str | Path) -> Path:
     return path
 
 
-def interpolation_noise(model: DiffusionModel, num: int, sampler, eta, seed: int, class_label):
+def interpolation_noise(model: DiffusionModel, num: int, sampler, eta, seed: int, class_label,
+                        steps: Optional[int] = None):
     """x_T for ``sample --interpolate``: one slerp strip between two seeded noises per row, and the labels."""
     if num < 2:
         raise ConfigError(f"--interpolate needs at least 2 images (both endpoints), got {num}.")
     name = model.sampling.sampler if sampler is None else sampler
     eta = model.sampling.eta if eta is None else eta
-    if name == "ddpm" or (name == "ddim" and eta):
+    record = sampler_record(name)
+    if not record.deterministic(eta, steps if steps is not None else model.sampling.steps):
         raise ConfigError(
             f"Interpolation needs a deterministic sampler, but {name!r}"
-            + (f" with eta={eta}" if name == "ddim" else "")
+            + (f" with eta={eta}" if record.takes_eta else "")
             + " adds fresh noise at every step: use --sampler ddim --eta 0, or --sampler dpmpp2m."
         )
     generator = torch.Generator().manual_seed(seed)
@@ -157,7 +159,7 @@ def generate_images(
         labels = None
     x_T = None
     if interpolate:
-        x_T, labels = interpolation_noise(model, interpolate, sampler, eta, seed, class_label)
+        x_T, labels = interpolation_noise(model, interpolate, sampler, eta, seed, class_label, steps)
         num_samples, nrow = x_T.shape[0], interpolate
     device = torch.device(device)
     model.to(device).eval()

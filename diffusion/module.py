@@ -29,7 +29,7 @@ from diffusion.objective import Objective, ProgressiveDistillation
 from diffusion.optim import Optimization
 from diffusion.runs import state_dict_mismatch
 from diffusion.checks import check, check_options
-from diffusion.samplers import SamplingDefaults, ddim_sample, get_sampler, sampler_timesteps
+from diffusion.samplers import SamplingDefaults, sampler as sampler_record
 from diffusion.speed import FastNet, SpeedSwitches
 from diffusion.unet import UNet
 
@@ -329,11 +329,11 @@ class DiffusionModel(LightningModule):
         # None means "not given": 0 steps must reach make_timesteps and be refused there, not become the default.
         check_options(eta=eta, seed=seed, **({"num_samples": num_samples} if x_T is None else {}))
         sampler = self.sampling.sampler if sampler is None else sampler
-        fn = get_sampler(sampler)
+        record = sampler_record(sampler)
         T = self.objective.num_timesteps
-        steps = (T if sampler == "ddpm" else self.sampling.steps) if steps is None else steps
-        timesteps = sampler_timesteps(self.schedule, sampler, steps)
-        if fn is ddim_sample:
+        steps = (T if record.all_timesteps else self.sampling.steps) if steps is None else steps
+        timesteps = record.timesteps(self.schedule, steps)
+        if record.takes_eta:
             options.setdefault("eta", self.sampling.eta if eta is None else eta)
         options.setdefault("clip_x0", self.sampling.clip_x0)
         if generator is None:
@@ -347,7 +347,7 @@ class DiffusionModel(LightningModule):
         was_training = self.training
         self.eval()
         try:
-            return fn(denoiser, self.schedule, x_T, timesteps, generator, **options).clamp(-1, 1)
+            return record.fn(denoiser, self.schedule, x_T, timesteps, generator, **options).clamp(-1, 1)
         finally:
             self.train(was_training)
 
@@ -363,7 +363,8 @@ class DiffusionModel(LightningModule):
                     f"{sampler or 'ddim'} in {steps or trained}: leave --sampler and --steps out, or sample the "
                     "checkpoint of the round with the steps you want (checkpoints/distill-<N>steps.ckpt)."
                 )
-        elif isinstance(self.objective, ConsistencyTuning) and sampler not in (None, "consistency", "consistency_karras"):
+        elif (isinstance(self.objective, ConsistencyTuning) and sampler is not None
+              and not sampler_record(sampler).for_consistency_models):
             raise ConfigError(
                 f"This checkpoint is a consistency model: its x0 estimates are not a diffusion model's, so {sampler} "
                 "does not sample it; use --sampler consistency (or consistency_karras) with --steps 1 to 4."

@@ -334,37 +334,95 @@ def consistency_sample(
     return x0
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """One entry of the registry: a sampler function and everything the rest of the package asks about it (its
+    timestep grid, its network calls, whether it adds noise, what it takes), so that no caller tests a name.
+
+    Adding a sampler: write its function with the one signature (denoiser, schedule, x_T, timesteps, generator,
+    **options) and add one ``Sampler`` to ``SAMPLERS`` (docs/design.md#adding-a-sampler).
+
+    Args:
+        name: what configs and ``--sampler`` call it.
+        fn: the sampler function.
+        grid: its timesteps: ``trailing`` (DDIM's spacing of the integer timesteps), ``karras`` (Karras's rho = 7
+            spacing of the noise levels, fractional timesteps) or ``karras_open`` (that grid without its last level).
+        calls_per_step: network calls per step; a two-call step's last step is one call (Heun's Euler step).
+        noise: where it draws fresh noise: ``every_step``, ``with_eta`` (DDIM's eta > 0), ``after_first`` (after
+            its first step) or ``never`` (an ODE solver).
+        all_timesteps: it takes all T timesteps (DDPM's ancestral sampler), unless told otherwise.
+        takes_eta: it has DDIM's ``eta`` option.
+        for_consistency_models: the sampler a consistency model (``ConsistencyTuning``) is sampled with.
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    grid: str = "trailing"
+    calls_per_step: int = 1
+    noise: str = "never"
+    all_timesteps: bool = False
+    takes_eta: bool = False
+    for_consistency_models: bool = False
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        return self.fn(*args, **kwargs)
+
+    def timesteps(self, schedule: NoiseSchedule, steps: int) -> Tensor:
+        """The timesteps it visits in ``steps`` steps."""
+        if self.grid == "karras_open":
+            # Its last level is where the last x0 is taken, so the grid's sigma_min (a no-op step) is left off.
+            return karras_timesteps(schedule, steps + 1)[:-1]
+        if self.grid == "karras":
+            return karras_timesteps(schedule, steps)
+        return make_timesteps(schedule.num_timesteps, steps)
+
+    def network_calls(self, steps: int) -> int:
+        """Network evaluations of ``steps`` steps (without guidance, which doubles the batch)."""
+        return self.calls_per_step * steps - (self.calls_per_step - 1)
+
+    def deterministic(self, eta: float = 0.0, steps: Optional[int] = None) -> bool:
+        """Whether the same x_T always gives the same sample (``steps`` None: any number of steps)."""
+        if self.noise == "with_eta":
+            return not eta
+        if self.noise == "after_first":
+            return steps == 1
+        return self.noise == "never"
+
+
 # The names ending in "_karras" are the same solvers on Karras's spacing of the noise levels instead of DDIM's
 # trailing spacing of the timesteps (k-diffusion's "DPM++ 2M Karras"): a timestep grid, not another sampler.
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp2m": dpmpp2m_sample, "heun": heun_sample,
-    "ddim_karras": ddim_sample, "dpmpp2m_karras": dpmpp2m_sample,
-    "consistency": consistency_sample, "consistency_karras": consistency_sample,
-}
-KARRAS_SPACED = ("heun", "ddim_karras", "dpmpp2m_karras", "consistency_karras")
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("ddpm", ddpm_sample, noise="every_step", all_timesteps=True),
+    Sampler("ddim", ddim_sample, noise="with_eta", takes_eta=True),
+    Sampler("dpmpp2m", dpmpp2m_sample),
+    Sampler("heun", heun_sample, grid="karras", calls_per_step=2),
+    Sampler("ddim_karras", ddim_sample, grid="karras", noise="with_eta", takes_eta=True),
+    Sampler("dpmpp2m_karras", dpmpp2m_sample, grid="karras"),
+    Sampler("consistency", consistency_sample, noise="after_first", for_consistency_models=True),
+    Sampler("consistency_karras", consistency_sample, grid="karras_open", noise="after_first",
+            for_consistency_models=True),
+)}
 
 
-def sampler_timesteps(schedule: NoiseSchedule, sampler: str, steps: int) -> Tensor:
-    """The timesteps ``sampler`` visits in ``steps`` steps: Karras's rho = 7 spacing for ``heun`` and the
-    ``_karras`` names, DDIM's ``trailing`` spacing for the others (all T for ``ddpm1000``)."""
-    if sampler == "consistency_karras":
-        # Its last level is where the last x0 is taken, so the grid's sigma_min (a no-op step) is left off.
-        return karras_timesteps(schedule, steps + 1)[:-1]
-    if sampler in KARRAS_SPACED:
-        return karras_timesteps(schedule, steps)
-    return make_timesteps(schedule.num_timesteps, steps)
-
-
-def network_calls(sampler: str, steps: int) -> int:
-    """Network evaluations of ``steps`` steps of ``sampler`` (without guidance, which doubles the batch)."""
-    return 2 * steps - 1 if sampler == "heun" else steps
-
-
-def get_sampler(name: str) -> Callable[..., Tensor]:
+def sampler(name: str) -> Sampler:
+    """The registry's record of ``name``, or a one-line refusal naming the choices."""
     try:
         return SAMPLERS[name]
     except KeyError:
         raise ConfigError(f"Unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}.") from None
+
+
+def get_sampler(name: str) -> Callable[..., Tensor]:
+    """The sampler function of ``name``."""
+    return sampler(name).fn
+
+
+def sampler_timesteps(schedule: NoiseSchedule, name: str, steps: int) -> Tensor:
+    return sampler(name).timesteps(schedule, steps)
+
+
+def network_calls(name: str, steps: int) -> int:
+    return sampler(name).network_calls(steps)
 
 
 @dataclass(frozen=True)
