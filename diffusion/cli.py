@@ -27,7 +27,7 @@ from torchvision.utils import save_image
 from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, TimestepDiagnostics
 from diffusion.callbacks.budget import TrainingBudget
 from diffusion.callbacks.consistency import ConsistencyTuningRun
-from diffusion.callbacks.dashboard import WandbDashboard, dashboard_of
+from diffusion.callbacks.dashboard import WandbDashboard
 from diffusion.callbacks.distill import DistillationRounds
 from diffusion.callbacks.final_checkpoint import FinalCheckpoint
 from diffusion.callbacks.threads import ThreadTuning
@@ -38,6 +38,7 @@ from diffusion.lock import lock_run, release_run
 from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, refuse_old_layout
 from diffusion.dashboard import run_name
 from diffusion.objective import SCHEDULE_ARGS, edm_preconditioned
+from diffusion.phema import PostHocEMA
 from diffusion.samplers import slerp
 from diffusion.errors import CheckpointError, ConfigError, EvaluationStopped, find_user_error
 from diffusion.progress import StepProgress, close_open_bars, progress_bars
@@ -371,9 +372,19 @@ class DiffusionCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        dashboard = dashboard_of(self.trainer)
+        # The callbacks come from separate config groups and trainer.callbacks, built apart: here, once, each is
+        # handed the others it works with, so that none searches the trainer for another.
+        def first(kind):
+            return next((cb for cb in self.trainer.callbacks if isinstance(cb, kind)), None)
+
+        dashboard, fid, rounds = first(WandbDashboard), first(FIDEvaluation), first(DistillationRounds)
+        if fid is not None:
+            fid.dashboard, fid.phema = dashboard, first(PostHocEMA)
+        if rounds is not None:
+            rounds.fid = fid
         if dashboard is not None:
             dashboard.run_id, dashboard.training_run = self.run_id, self.training_run
+            dashboard.fid_keys = fid.metric_keys() if fid is not None else []
 
     def _wandb_mode(self, init_args: Namespace) -> None:
         """Offline or online: ``--trainer.logger.init_args.offline`` on the command line, else ``$WANDB_MODE``,

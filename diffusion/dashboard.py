@@ -13,6 +13,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
+from diffusion.evaluation import FIDRecord
 from diffusion.samplers import network_calls
 
 TABLE_KEY = "evaluation/table"
@@ -61,12 +62,6 @@ def define_metrics(run, fid_keys: Iterable[str]) -> None:
     run.define_metric("fid/floor", step_metric=IMAGES_SEEN)
 
 
-def sampler_label(result: dict) -> str:
-    """A sampler as a column value and a line's name: ``ddim50``, ``ddim25@w2``, ``ddim50 ema0.1``."""
-    label = result.get("spec") or f"{result['sampler']}{result['steps']}"
-    return label if result.get("ema_length") is None else f"{label} ema{result['ema_length']:g}"
-
-
 def sample_image(images: Optional[torch.Tensor], caption: str):
     """A sampler's kept samples ([-1, 1], [N, C, H, W]) as one W&B image, a square grid; None without any."""
     if images is None or len(images) == 0:
@@ -92,18 +87,17 @@ class EvaluationTable:
         self.history: dict[str, list[list[float]]] = {}
         self._table = None
 
-    def rows(self, results: Sequence[dict], stage: str, epoch: Optional[int], step: int, images_seen: Optional[int],
+    def rows(self, results: Sequence[FIDRecord], stage: str, epoch: Optional[int], step: int, images_seen: Optional[int],
              floor: Optional[float]) -> list[list[Any]]:
-        """One row per result (``FIDScorer.score``'s fields; ``images`` optional), in ``COLUMNS``' order."""
+        """One row per record (its kept ``images`` as the samples' picture), in ``COLUMNS``' order."""
         rows = []
         for r in results:
-            label = sampler_label(r)
-            rows.append([self.training_run, stage, epoch, step, images_seen, label, r["steps"],
-                         network_calls(r["sampler"], r["steps"]), r.get("guidance"), r.get("ema_length"), r["fid"],
-                         floor, r.get("seconds"), sample_image(r.get("images"), f"{label}, step {step}")])
+            rows.append([self.training_run, stage, epoch, step, images_seen, r.label, r.spec.steps,
+                         network_calls(r.spec.name, r.spec.steps), r.spec.guidance, r.ema_length, r.fid,
+                         floor, r.seconds, sample_image(r.images, f"{r.label}, step {step}")])
         return rows
 
-    def log(self, run, results: Sequence[dict], stage: str, epoch: Optional[int], step: int,
+    def log(self, run, results: Sequence[FIDRecord], stage: str, epoch: Optional[int], step: int,
             images_seen: Optional[int], floor: Optional[float], log_step: Optional[int] = None) -> list[list[Any]]:
         """Add this evaluation's rows to the run's table and, in training, redraw the chart; ``log_step``: the
         step of the W&B history row (Lightning's x-axis) where the caller has one."""

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from diffusion import dashboard
 from diffusion.callbacks.common import images_seen, log_step
 from diffusion.errors import ConfigError
+from diffusion.evaluation import FIDRecord
 
 OFFLINE_UPLOAD = ("dashboard.log_checkpoints: checkpoints are uploaded only when W&B runs online, and this run is "
                   "offline; turn it on with WANDB_MODE=online (after `wandb login`) or "
@@ -26,10 +27,6 @@ def wandb_runs(trainer: Trainer) -> list:
     if not trainer.is_global_zero:
         return []
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-
-
-def dashboard_of(trainer: Trainer) -> Optional["WandbDashboard"]:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, WandbDashboard)), None)
 
 
 class WandbDashboard(Callback):
@@ -64,6 +61,7 @@ class WandbDashboard(Callback):
         self.table = dashboard.EvaluationTable()
         self.uploaded: list[Path] = []
         self.trained: Optional[tuple[int, int]] = None  # (epoch, step) of the checkpoint a `test` loaded
+        self.fid_keys: list[str] = []  # the FID callback's metric keys, handed by DiffusionCLI (no look-up)
 
     # --- the run's identity --------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -75,18 +73,11 @@ class WandbDashboard(Callback):
             linked = self.training_run and self.training_run != run.id
             trained_by = [f"trained_by:{self.training_run}"] if linked else []
             run.tags = tuple(dict.fromkeys([*(run.tags or ()), *dashboard.run_tags(trainer, pl_module), *trained_by]))
-            dashboard.define_metrics(run, self.fid_keys(trainer))
+            dashboard.define_metrics(run, self.fid_keys)
             if trained_by:
                 run.config.update({"run/training_run": self.training_run}, allow_val_change=True)
             if self.log_checkpoints and stage == "fit" and not dashboard.is_online(run):
                 rank_zero_info(OFFLINE_UPLOAD)
-
-    @staticmethod
-    def fid_keys(trainer: Trainer) -> list[str]:
-        from diffusion.callbacks.fid import FIDEvaluation
-
-        fid = next((cb for cb in trainer.callbacks if isinstance(cb, FIDEvaluation)), None)
-        return [] if fid is None else fid.metric_keys()
 
     # --- images seen ---------------------------------------------------------------------------------------
     # Through the module's log, so that the value sits in the same rows as the losses and FIDs it is the x-axis
@@ -102,8 +93,8 @@ class WandbDashboard(Callback):
             pl_module.log(dashboard.IMAGES_SEEN, float(images_seen(trainer)), sync_dist=True)  # the same on every rank
 
     # --- the evaluation table ------------------------------------------------------------------------------
-    def log_evaluation(self, trainer: Trainer, results: list[dict], floor: Optional[float]) -> None:
-        """One evaluation's results (``FIDScorer.score``'s fields, ``images`` optional) as rows of the table."""
+    def log_evaluation(self, trainer: Trainer, results: list[FIDRecord], floor: Optional[float]) -> None:
+        """One evaluation's records as rows of the table."""
         stage = "fit" if trainer.state.fn == TrainerFn.FITTING else str(getattr(trainer.state.fn, "value", "eval"))
         # Outside `fit`, the rows sit at the training step of the checkpoint evaluated, beside that run's rows.
         fitting = stage == "fit" or self.trained is None
