@@ -274,7 +274,7 @@ def wandb_run(cli, args, train_record: dict, out: Path):
 
 def log_rows(run, args, train_record: dict, scored: dict, floor: dict) -> str:
     """The records as rows of the evaluation table ``fit`` logs (stage ``quality``); where the run is."""
-    from diffusion.dashboard import EvaluationTable, sync_hint
+    from diffusion.report import EvaluationTable, sync_hint
     from diffusion.runs import training_run_id
 
     table = EvaluationTable(training_run=training_run_id(args.ckpt) if args.ckpt else run.id)

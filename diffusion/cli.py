@@ -37,13 +37,14 @@ from diffusion.data import DiffusionDataModule
 from diffusion.lock import lock_run, release_run
 from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, refuse_old_layout
 from diffusion.dashboard import run_name
+from diffusion.report import is_wandb
 from diffusion.objective import SCHEDULE_ARGS, edm_preconditioned
 from diffusion.phema import PostHocEMA
 from diffusion.samplers import slerp
 from diffusion.errors import CheckpointError, ConfigError, EvaluationStopped, find_user_error
 from diffusion.progress import StepProgress, close_open_bars, progress_bars
 from diffusion.runs import (
-    SaveAndLogConfig, config_name, cpu_has_native_bf16, is_wandb, launcher_job, left_checkpoint, new_run_id,
+    SaveAndLogConfig, config_name, cpu_has_native_bf16, launcher_job, left_checkpoint, new_run_id,
     read_checkpoint, run_root, state_dict_mismatch, training_run_id, unreadable_checkpoint,
 )
 

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from diffusion import evaluation as ev
 from diffusion import fid_stats
 from diffusion.callbacks.common import (
-    image_shape, labelled_rows, log_image, log_line_chart, log_metrics, run_dir, sample_fn, sampling_module,
+    image_shape, labelled_rows, log_metrics, run_dir, sample_fn, sampling_module,
     stop_requested,
 )
 from diffusion.callbacks.fid import FIDEvaluation
@@ -27,6 +27,7 @@ from diffusion.objective import (
     EDM_ARGS, SCHEDULE_ARGS, EDMObjective, Objective, ProgressiveDistillation, edm_preconditioned,
 )
 from diffusion.progress import progress_bars
+from diffusion.report import log_image, log_line_chart
 from diffusion.runs import read_checkpoint, state_dict_mismatch
 
 

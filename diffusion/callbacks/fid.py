@@ -12,7 +12,6 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -20,13 +19,13 @@ from torch import nn
 from diffusion import evaluation as ev
 from diffusion import fid_stats
 from diffusion.callbacks.common import (
-    DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, final_validation, log_line_chart, log_step, run_dir,
-    sampling_module,
+    DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, final_validation, run_dir, sampling_module,
 )
 from diffusion.callbacks.dashboard import WandbDashboard
 from diffusion.errors import ConfigError
 from diffusion.phema import PostHocEMA, rebuild, sigma_rel_to_gamma
 from diffusion.progress import progress_bars
+from diffusion.report import log_line_chart, log_table
 
 
 class FIDEvaluation(ValidateAtLastStep):
@@ -277,9 +276,7 @@ class FIDEvaluation(ValidateAtLastStep):
         if trainer.is_global_zero:
             # The answer `test` was run for: stdout, next to Lightning's table of metrics.
             print(format_table(columns, rows, f"FID of {num_samples} samples against the training set"), flush=True)
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_table("test/fid_table", columns=columns, data=rows, step=log_step(trainer))
+            log_table(trainer, "test/fid_table", columns, rows)
 
 
 def without_images(results: dict[str, ev.FIDRecord]) -> dict[str, ev.FIDRecord]:

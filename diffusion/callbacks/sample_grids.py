@@ -13,10 +13,11 @@ from torch import Tensor
 from diffusion import evaluation as ev
 from diffusion import fid_stats
 from diffusion.callbacks.common import (
-    DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, image_shape, labelled_rows, log_image,
+    DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, image_shape, labelled_rows,
     module_class_names, num_classes_of, run_dir, sample_fn, sampling_module,
 )
 from diffusion.errors import ConfigError
+from diffusion.report import log_image
 
 
 class SampleGrids(ValidateAtLastStep):
