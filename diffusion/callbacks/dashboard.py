@@ -11,9 +11,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from diffusion import dashboard, report
-from diffusion.report import images_seen, log_step, wandb_runs
 from diffusion.errors import ConfigError
 from diffusion.evaluation import FIDRecord
+from diffusion.report import images_seen, log_step, wandb_runs
 
 OFFLINE_UPLOAD = ("dashboard.log_checkpoints: checkpoints are uploaded only when W&B runs online, and this run is "
                   "offline; turn it on with WANDB_MODE=online (after `wandb login`) or "
