@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -185,10 +186,10 @@ def load(args, overrides: list[str], out: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None,
-          grids: Optional[dict] = None) -> tuple[list[dict], dict]:
+          scored: Optional[dict] = None) -> tuple[list[dict], dict]:
     """FID of each sampler and of the held-out floor through ``FIDScorer`` (what the FID callback runs), with the
     config's FID settings (features, weights, cache, batch) and ``--seed``; one record each, per ``--ema_length``
-    (rebuilt from ``checkpoint``) where given. ``grids``: filled with each record key's first images."""
+    (rebuilt from ``checkpoint``) where given. ``scored``: filled with each record key's ``FIDRecord``, its first images kept for the W&B table."""
     from diffusion import evaluation as ev
     from diffusion.callbacks import FIDEvaluation
     from diffusion.generate import save_grid
@@ -227,16 +228,16 @@ def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None,
                              progress=bars, keep=args.grid)
             key = spec.key if length is None else f"{spec.key}@ema{length:g}"
             if args.grid:
-                save_grid(r["images"], out / f"samples-{key}.png")
-            if grids is not None:
-                grids[key] = r["images"][:TABLE_IMAGES]
+                save_grid(r.images, out / f"samples-{key}.png")
+            if scored is not None:
+                scored[key] = replace(r, images=r.images[:TABLE_IMAGES], ema_length=length)
             if spec.name == "ddpm" and spec.guidance is None:
-                ddpm = r["fid"]
-            sampling = r["seconds"]
+                ddpm = r.fid
+            sampling = r.seconds
             record = {"kind": "sampler", "spec": spec.text, "key": key, "sampler": spec.name, "steps": spec.steps,
-                      "guidance": spec.guidance, "ema_length": length, "fid": r["fid"],
-                      "ratio_to_ddpm": r["fid"] / ddpm if ddpm else None, "sampling_seconds": sampling,
-                      "inception_seconds": r["inception_seconds"],
+                      "guidance": spec.guidance, "ema_length": length, "fid": r.fid,
+                      "ratio_to_ddpm": r.fid / ddpm if ddpm else None, "sampling_seconds": sampling,
+                      "inception_seconds": r.inception_seconds,
                       "images_per_s": args.num_samples / sampling if sampling > 0 else None, **common}
             emit(record)
             results.append(record)
@@ -271,14 +272,13 @@ def wandb_run(cli, args, train_record: dict, out: Path):
                               "num_real": args.num_real, "seed": args.seed})
 
 
-def log_rows(run, args, train_record: dict, results: list[dict], floor: dict, grids: dict) -> str:
+def log_rows(run, args, train_record: dict, scored: dict, floor: dict) -> str:
     """The records as rows of the evaluation table ``fit`` logs (stage ``quality``); where the run is."""
-    from diffusion.dashboard import EvaluationTable, sync_hint
+    from diffusion.report import EvaluationTable, sync_hint
     from diffusion.runs import training_run_id
 
     table = EvaluationTable(training_run=training_run_id(args.ckpt) if args.ckpt else run.id)
-    rows = [{**r, "seconds": r["sampling_seconds"], "images": grids.get(r["key"])} for r in results]
-    table.log(run, rows, "quality", train_record.get("epochs"), train_record.get("steps"), train_record.get("images"),
+    table.log(run, list(scored.values()), "quality", train_record.get("epochs"), train_record.get("steps"), train_record.get("images"),
               floor["fid"])
     hint = sync_hint(run)
     run.finish()
@@ -349,10 +349,10 @@ def run(args, overrides: list[str], emit: Emitter) -> None:
               "threads": torch.get_num_threads(), "seed": args.seed,
               "parameters": sum(p.numel() for p in cli.model.parameters())})
         emit(train_record)
-        grids: dict = {}
-        results, floor = score(cli, args, emit, out, checkpoint if args.ema_lengths else None, grids)
+        scored: dict = {}
+        results, floor = score(cli, args, emit, out, checkpoint if args.ema_lengths else None, scored)
         run = wandb_run(cli, args, train_record, out)
-        hint = None if run is None else log_rows(run, args, train_record, results, floor, grids)
+        hint = None if run is None else log_rows(run, args, train_record, scored, floor)
     table = markdown(args.config, train_record, results, floor, device_name(device))
     (out / "table.md").write_text(table + "\n")
     emit({"kind": "summary", "config": args.config, "steps": train_record.get("steps"),

@@ -494,7 +494,7 @@ def bench_eval(cli, pristine, fid, quick_specs, args, device, precision, base, w
         "real_stats_seconds": times.get("real_stats_seconds"),
         "epoch_end_samplers": [s.text for s in fid.specs], "epoch_end_num_samples": sizes["num_samples"],
         "epoch_end_seconds": times["epoch_end_end"] - times["epoch_end_start"],
-        "epoch_end_sampling_seconds": {k: r["seconds"] for k, r in times["epoch_end_results"].items()},
+        "epoch_end_sampling_seconds": {k: r.seconds for k, r in times["epoch_end_results"].items()},
         "epoch_end_peak_memory_mib": times["epoch_end_memory"]["peak_memory_mib"],
         "test_samplers": [s.text for s in fid.test_specs], "test_num_samples": sizes["test_num_samples"],
         "test_floor": bool(fid.test_floor),
@@ -502,7 +502,7 @@ def bench_eval(cli, pristine, fid, quick_specs, args, device, precision, base, w
     if sizes["test_num_samples"]:
         record.update({
             "test_seconds": times["test_end"] - times["test_start"],
-            "test_sampling_seconds": {k: r["seconds"] for k, r in times["test_results"].items()},
+            "test_sampling_seconds": {k: r.seconds for k, r in times["test_results"].items()},
             "test_peak_memory_mib": times["test_memory"]["peak_memory_mib"],
         })
     else:

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, TimestepDiagnostics
 from diffusion.callbacks.budget import TrainingBudget
 from diffusion.callbacks.consistency import ConsistencyTuningRun
-from diffusion.callbacks.dashboard import WandbDashboard, dashboard_of
+from diffusion.callbacks.dashboard import WandbDashboard
 from diffusion.callbacks.distill import DistillationRounds
 from diffusion.callbacks.final_checkpoint import FinalCheckpoint
 from diffusion.callbacks.threads import ThreadTuning
@@ -33,11 +33,12 @@ from diffusion.generate import generate_images
 from diffusion.lock import lock_run, release_run
 from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, refuse_old_layout
 from diffusion.dashboard import run_name
+from diffusion.report import is_wandb
 from diffusion.objective import SCHEDULE_ARGS, edm_preconditioned
 from diffusion.errors import CheckpointError, ConfigError, EvaluationStopped, find_user_error
 from diffusion.progress import close_open_bars, progress_bars
 from diffusion.runs import (
-    SaveAndLogConfig, config_name, cpu_has_native_bf16, is_wandb, launcher_job, left_checkpoint, new_run_id,
+    SaveAndLogConfig, config_name, cpu_has_native_bf16, launcher_job, left_checkpoint, new_run_id,
     read_checkpoint, run_root, state_dict_mismatch, training_run_id, unreadable_checkpoint,
 )
 
@@ -329,11 +330,9 @@ class DiffusionCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        # The one place that looks into trainer.callbacks: the wiring of what the callbacks take from each other.
-        wire(self.trainer.callbacks)
-        dashboard = dashboard_of(self.trainer)
-        if dashboard is not None:
-            dashboard.run_id, dashboard.training_run = self.run_id, self.training_run
+        # The one place that looks into trainer.callbacks: the callbacks come from separate config groups and
+        # trainer.callbacks, built apart; wire() hands each, once, the others it works with.
+        wire(self.trainer.callbacks, run_id=self.run_id, training_run=self.training_run)
 
     def _wandb_mode(self, init_args: Namespace) -> None:
         """Offline or online: ``--trainer.logger.init_args.offline`` on the command line, else ``$WANDB_MODE``,

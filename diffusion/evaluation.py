@@ -4,7 +4,7 @@ No Lightning here: the FID callback (``diffusion.callbacks.FIDEvaluation``) and 
 score through ``FIDScorer``, so they give the same number for the same model, sampler and seed. FID is
 torchmetrics' ``FrechetInceptionDistance``; ``diffusion.fid_stats`` adds what it leaves to the caller (rounded
 uint8 images, a disk cache of the statistics, per-sample seeds that do not depend on batch size or world size, the
-split of the work across DDP ranks), and its names are re-exported here.
+split of the work across DDP ranks).
 """
 
 from __future__ import annotations
@@ -26,11 +26,8 @@ from torch.utils.data import Dataset
 from diffusion import threads
 from diffusion.checks import check
 from diffusion.errors import ConfigError
-from diffusion.fid_stats import (  # noqa: F401  (re-exported: ``ev.X`` for the low-level names too)
-    CACHE_ENV, CPU_FEATURE_CHUNK, REAL_STATES, WEIGHTS_ENV, class_labels, dataset_fingerprint, default_cache_dir,
-    default_weights_path, derive_seed, dist_info, ensure_real_stats, ensure_stats, extractor_id, feed_dataset,
-    load_stats, make_fid, no_bars, rank_share, reference_indices, save_stats, seeded_noise, stats_cache_path,
-    stats_key, synchronize, to_fid_uint8, update_metric,
+from diffusion.fid_stats import (
+    class_labels, default_cache_dir, derive_seed, dist_info, ensure_real_stats, ensure_stats, feed_dataset, make_fid, no_bars, rank_share, reference_indices, seeded_noise, stats_key, synchronize, update_metric,
 )
 from diffusion.samplers import SAMPLERS
 
@@ -88,6 +85,37 @@ def parse_samplers(specs: Sequence[str], num_timesteps: Optional[int] = None) ->
                     f"(ddpm{num_timesteps}), others at most {num_timesteps}."
                 )
     return parsed
+
+
+# --- what an evaluation returns -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FIDRecord:
+    """One sampler scored: what ``FIDScorer.score`` returns and ``diffusion.report`` turns into logs and rows.
+
+    ``seconds``: sampling, the slowest rank's; ``inception_seconds``: the rest of the time; ``images``: this rank's
+    kept samples ([-1, 1], on the CPU) with their global ``indices``; ``ema_length``: the post-hoc EMA length the
+    weights were rebuilt at (None: the EMA callback's own).
+    """
+
+    spec: SamplerSpec
+    fid: float
+    num_samples: int
+    seconds: float
+    images_per_second: float
+    inception_seconds: float
+    images: Tensor
+    indices: list[int]
+    ema_length: Optional[float] = None
+
+    @property
+    def key(self) -> str:
+        """The metric key: ``ddim50``, ``ddim25_w2``, ``ddim50_ema0.1``."""
+        return self.spec.key if self.ema_length is None else f"{self.spec.key}_ema{self.ema_length:g}"
+
+    @property
+    def label(self) -> str:
+        """The table's and the chart's name: ``ddim50``, ``ddim25@w2``, ``ddim50 ema0.1``."""
+        return self.spec.text if self.ema_length is None else f"{self.spec.text} ema{self.ema_length:g}"
 
 
 # --- generating and scoring -----------------------------------------------------------------------------
@@ -274,13 +302,12 @@ class FIDScorer:
         return self.metric, self.device
 
     def score(self, model, spec: SamplerSpec, num_samples: int, precision: Optional[Precision] = None,
-              progress: Optional[Progress] = None, keep: Optional[int] = 0) -> dict[str, Any]:
+              progress: Optional[Progress] = None, keep: Optional[int] = 0) -> "FIDRecord":
         """FID of ``num_samples`` images of ``model`` (anything with ``sample(...)``, ``num_classes`` and
         ``net.in_channels/image_size``) through ``spec``, from seeded noise, split across the ranks.
 
-        Returns the sampler's fields, ``fid``, ``seconds`` (sampling, the slowest rank's), ``images_per_second``,
-        ``inception_seconds`` (the rest of the time), and ``images`` with their global ``indices``: this rank's
-        first ``keep`` images on the CPU (all of this rank's with ``keep=None``, none with 0).
+        Returns its ``FIDRecord``, whose ``images`` are this rank's first ``keep`` images on the CPU (all of this
+        rank's with ``keep=None``, none with 0).
         """
         metric, device = self._ready()
         shape = (model.net.in_channels, model.net.image_size, model.net.image_size)
@@ -294,10 +321,8 @@ class FIDScorer:
         )
         synchronize(device)
         total = time.perf_counter() - start
-        return {"spec": spec.text, "key": spec.key, "sampler": spec.name, "steps": spec.steps, "guidance": spec.guidance,
-                "fid": fid, "num_samples": num_samples, "seconds": seconds,
-                "images_per_second": num_samples / max(seconds, 1e-9), "inception_seconds": max(total - seconds, 0.0),
-                "images": images, "indices": list(share[: len(images)])}
+        return FIDRecord(spec, fid, num_samples, seconds, num_samples / max(seconds, 1e-9), max(total - seconds, 0.0),
+                         images, list(share[: len(images)]))
 
     def floor(self, datamodule, num: int, progress: Optional[Progress] = None) -> tuple[float, int]:
         """The held-out split's FID against the training statistics for ``num`` images (at most the split):

@@ -2,7 +2,7 @@
 depend on batch size or world size, the split of the work across DDP ranks, the metric (torchmetrics'
 ``FrechetInceptionDistance``) and a disk cache of its statistics, keyed by the data and the features.
 
-``diffusion.evaluation`` builds the FID of a sampler on these (and re-exports them); no Lightning here either.
+``diffusion.evaluation`` builds the FID of a sampler on these; no Lightning here either.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from diffusion.consistency import ConsistencyTuning
 from diffusion.errors import CheckpointError, ConfigError, TrainingDiverged
-from diffusion.evaluation import derive_seed
+from diffusion.fid_stats import derive_seed
 from diffusion.objective import Objective, ProgressiveDistillation
 from diffusion.optim import Optimization
 from diffusion.runs import state_dict_mismatch

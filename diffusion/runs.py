@@ -10,7 +10,6 @@ same folder, and a requeued job the checkpoint it left there.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import secrets
@@ -23,7 +22,6 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
 
 from diffusion.ema import EMA
 from diffusion.errors import CheckpointError
@@ -110,14 +108,7 @@ class SaveAndLogConfig(SaveConfigCallback):
             logger.log_hyperparams(params)
 
 
-def is_wandb(logger: Any) -> bool:
-    """Whether a logger's config entry (class_path/init_args) is a WandbLogger."""
-    module, _, name = str(getattr(logger, "class_path", None) or "").rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name) if module else None
-    except (ImportError, AttributeError):
-        return False
-    return isinstance(cls, type) and issubclass(cls, WandbLogger)
+
 
 
 _made_here: set[str] = set()

@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 
 from conftest import CONFIGS, ROOT
 from diffusion.callbacks.dashboard import WandbDashboard
-from diffusion.dashboard import run_tags, sync_hint
+from diffusion.dashboard import run_tags
+from diffusion.report import sync_hint
 from diffusion.cli import DiffusionCLI
 from diffusion.errors import ConfigError
 

@@ -8,6 +8,7 @@ from torch.utils.data import Subset
 
 from conftest import CONFIGS, ROOT
 from diffusion import evaluation as ev
+from diffusion import fid_stats
 from diffusion.callbacks import FIDEvaluation, TimestepDiagnostics, format_table
 from diffusion.data import DiffusionDataModule, TensorImages
 from diffusion.errors import ConfigError
@@ -17,7 +18,7 @@ from fid_helpers import NoiseModel, TinyFeatures, ToyReferenceData, ddp_score, t
 def fid_weights() -> Path | None:
     """The Inception weights where the CLI looks ($DIFFUSION_FID_WEIGHTS), else the offline copy in ../shared/fid."""
     shared = ROOT.parent / "shared" / "fid" / "pt_inception-2015-12-05-fc-zero.pth"
-    for candidate in (os.environ.get(ev.WEIGHTS_ENV), shared):
+    for candidate in (os.environ.get(fid_stats.WEIGHTS_ENV), shared):
         if candidate and Path(candidate).expanduser().is_file():
             return Path(candidate).expanduser()
     return None
@@ -53,26 +54,26 @@ def test_images_map_to_uint8_rgb_by_rounding_not_truncation():
     levels = torch.tensor([0, 1, 100, 200, 254, 255], dtype=torch.float64)
     # A model output a hair below each exact level: truncation (torchmetrics' normalize=True) drops a level.
     x = (levels - 1e-4) / 127.5 - 1
-    out = ev.to_fid_uint8(x.float().view(1, 1, 1, -1))
+    out = fid_stats.to_fid_uint8(x.float().view(1, 1, 1, -1))
     assert out.shape == (1, 3, 1, 6) and out.dtype == torch.uint8
     assert out[0, :, 0].tolist() == [levels.long().tolist()] * 3
     truncated = ((x.float() + 1) / 2 * 255).to(torch.uint8)
     assert truncated.tolist() != levels.long().tolist()  # what this function exists to avoid
-    assert ev.to_fid_uint8(torch.tensor([-3.0, 3.0]).view(1, 1, 1, 2)).flatten().tolist()[:2] == [0, 255]
+    assert fid_stats.to_fid_uint8(torch.tensor([-3.0, 3.0]).view(1, 1, 1, 2)).flatten().tolist()[:2] == [0, 255]
 
 
 def test_noise_is_seeded_per_sample_whatever_the_batching():
     shape = (1, 4, 4)
-    whole = ev.seeded_noise(range(6), shape, seed=3)
-    parts = torch.cat([ev.seeded_noise(range(0, 4), shape, 3), ev.seeded_noise(range(4, 6), shape, 3)])
+    whole = fid_stats.seeded_noise(range(6), shape, seed=3)
+    parts = torch.cat([fid_stats.seeded_noise(range(0, 4), shape, 3), fid_stats.seeded_noise(range(4, 6), shape, 3)])
     assert torch.equal(whole, parts)
-    assert not torch.equal(whole, ev.seeded_noise(range(6), shape, seed=4))
+    assert not torch.equal(whole, fid_stats.seeded_noise(range(6), shape, seed=4))
     assert len({tuple(r.flatten().tolist()) for r in whole}) == 6
 
 
 def test_rank_shares_cover_every_sample_once():
     for total, world in [(10, 3), (2, 4), (2048, 8)]:
-        shares = [ev.rank_share(total, r, world) for r in range(world)]
+        shares = [fid_stats.rank_share(total, r, world) for r in range(world)]
         assert sorted(i for s in shares for i in s) == list(range(total))
 
 
@@ -83,20 +84,20 @@ def test_scorer_gives_zero_for_a_set_against_itself_and_a_large_fid_for_noise(tm
     data.dataset, data.image_size = "mnist", 28
     scorer = ev.FIDScorer(TinyFeatures(), cache_dir=tmp_path, batch_size=64).prepare(data, CPU, num_real=500)
     assert scorer.real["num_real"] == 500 and not scorer.real["hit"]
-    same = ev.fid_of_dataset(scorer.metric, Subset(train, ev.reference_indices(len(train), 500)), None, 128, CPU)
+    same = ev.fid_of_dataset(scorer.metric, Subset(train, fid_stats.reference_indices(len(train), 500)), None, 128, CPU)
     assert abs(same) < 1e-6
 
     noise = scorer.score(NoiseModel(image_size=28), ev.SamplerSpec("ddim", 5), 200, keep=5)
-    assert noise["fid"] > 1.0 and noise["seconds"] >= 0 and noise["images"].shape == (5, 1, 28, 28)
-    assert noise["indices"] == [0, 1, 2, 3, 4] and noise["images_per_second"] > 0 and noise["inception_seconds"] > 0
-    assert (noise["key"], noise["sampler"], noise["steps"], noise["guidance"], noise["num_samples"]) == ("ddim5", "ddim", 5, None, 200)
+    assert noise.fid > 1.0 and noise.seconds >= 0 and noise.images.shape == (5, 1, 28, 28)
+    assert noise.indices == [0, 1, 2, 3, 4] and noise.images_per_second > 0 and noise.inception_seconds > 0
+    assert (noise.key, noise.spec.name, noise.spec.steps, noise.spec.guidance, noise.num_samples) == ("ddim5", "ddim", 5, None, 200)
 
     class RealLike(NoiseModel):
         def sample(self, num_samples, **kwargs):
             return torch.stack([train[i][0] for i in range(1000, 1000 + num_samples)])
 
     real_like = scorer.score(RealLike(image_size=28), ev.SamplerSpec("ddim", 5), 200)
-    assert real_like["fid"] < 0.1 * noise["fid"] and real_like["images"].shape == (0, 1, 28, 28)
+    assert real_like.fid < 0.1 * noise.fid and real_like.images.shape == (0, 1, 28, 28)
 
 
 def test_scorer_caches_the_real_statistics_and_invalidates_them_when_the_data_or_size_change(tmp_path):
@@ -166,26 +167,26 @@ def test_scorer_seeds_each_sample_whatever_the_batch_size_and_the_ranks(tmp_path
         return scorer.score(model or NoiseModel(), spec, 10, keep=None, **kwargs)
 
     whole = run(4)
-    assert whole["images"].shape == (10, 1, 8, 8) and whole["indices"] == list(range(10))
-    assert torch.equal(whole["images"], ev.seeded_noise(range(10), (1, 8, 8), seed=3).clamp(-1, 1))
+    assert whole.images.shape == (10, 1, 8, 8) and whole.indices == list(range(10))
+    assert torch.equal(whole.images, fid_stats.seeded_noise(range(10), (1, 8, 8), seed=3).clamp(-1, 1))
     other_batch = run(7)
-    assert torch.equal(other_batch["images"], whole["images"])
-    assert other_batch["fid"] == pytest.approx(whole["fid"], rel=1e-6)
-    assert run(4)["fid"] == whole["fid"]
+    assert torch.equal(other_batch.images, whole.images)
+    assert other_batch.fid == pytest.approx(whole.fid, rel=1e-6)
+    assert run(4).fid == whole.fid
 
     # Under DDP each rank samples its block of the indices, with the same noise per sample.
     for rank in range(3):
         monkeypatch.setattr(ev, "dist_info", lambda rank=rank: (rank, 3))
         share = run(4)
-        assert share["indices"] == list(ev.rank_share(10, rank, 3))
-        assert torch.equal(share["images"], whole["images"][share["indices"]])
+        assert share.indices == list(fid_stats.rank_share(10, rank, 3))
+        assert torch.equal(share.images, whole.images[share.indices])
     monkeypatch.undo()
 
     # The sampler's own noise is seeded per batch (from its first index), not by the RNG's history.
     noisy = run(4, NoiseModel(noisy=True))
     torch.manual_seed(123)
-    assert torch.equal(run(4, NoiseModel(noisy=True))["images"], noisy["images"])
-    assert not torch.equal(noisy["images"], whole["images"])
+    assert torch.equal(run(4, NoiseModel(noisy=True)).images, noisy.images)
+    assert not torch.equal(noisy.images, whole.images)
 
 
 def test_scorer_under_ddp_splits_the_samples_and_reports_the_slowest_ranks_time(tmp_path):
@@ -204,13 +205,13 @@ def test_scorer_under_ddp_splits_the_samples_and_reports_the_slowest_ranks_time(
         for rank in range(2):
             got = ranks[rank][run]
             r = got["result"]
-            assert r["indices"] == list(ev.rank_share(10, rank, 2))
-            assert torch.equal(r["images"], whole["images"][r["indices"]])
-            assert r["fid"] == pytest.approx(whole["fid"], rel=1e-5)
-            assert r["seconds"] >= 1.0  # rank 1: two batches (5-8, 9) of 0.5 s, on every rank
+            assert r.indices == list(fid_stats.rank_share(10, rank, 2))
+            assert torch.equal(r.images, whole.images[r.indices])
+            assert r.fid == pytest.approx(whole.fid, rel=1e-5)
+            assert r.seconds >= 1.0  # rank 1: two batches (5-8, 9) of 0.5 s, on every rank
             assert got["floor"][0] == pytest.approx(floor[0], rel=1e-5) and got["floor"][1] == 32
             assert got["real"]["hit"] == hit and got["real"]["num_real"] == 64
-        assert ranks[0][run]["result"]["seconds"] == ranks[1][run]["result"]["seconds"]
+        assert ranks[0][run]["result"].seconds == ranks[1][run]["result"].seconds
     (cached,) = (tmp_path / "single").glob("toy-train-*.pt")  # the same key, and the same statistics
     assert torch.allclose(torch.load(tmp_path / "ddp-cache" / cached.name)["real_features_sum"],
                           torch.load(cached)["real_features_sum"], rtol=1e-12)
@@ -253,7 +254,7 @@ def test_fid_callback_and_quality_benchmark_give_the_same_fid(tmp_path, mnist_di
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                       default_root_dir=tmp_path)
     metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
-    callback = {k: r["fid"] for k, r in fid.last_results.items()}
+    callback = {k: r.fid for k, r in fid.last_results.items()}
     assert set(callback) == {"ddpm20", "ddim5"} and all(math.isfinite(v) and v > 0 for v in callback.values())
     assert metrics["fid/ddim5"] == pytest.approx(callback["ddim5"]) and "fid/floor" in metrics
 
@@ -275,8 +276,8 @@ def test_fid_callback_rejects_bad_settings(tmp_path, monkeypatch):
         FIDEvaluation(samplers=["ddim"], feature_extractor=TinyFeatures())
     with pytest.raises(ConfigError, match="FID weights file .* not found"):
         FIDEvaluation(weights_path=str(tmp_path / "missing.pth"))
-    monkeypatch.setenv(ev.WEIGHTS_ENV, str(tmp_path / "missing.pth"))
-    with pytest.raises(ConfigError, match=ev.WEIGHTS_ENV):
+    monkeypatch.setenv(fid_stats.WEIGHTS_ENV, str(tmp_path / "missing.pth"))
+    with pytest.raises(ConfigError, match=fid_stats.WEIGHTS_ENV):
         FIDEvaluation()
 
 
@@ -288,13 +289,13 @@ def test_results_table_lines_up():
 
 
 # --- the real Inception weights ---------------------------------------------------------------------------
-@pytest.mark.skipif(WEIGHTS is None, reason=f"no FID Inception weights: set ${ev.WEIGHTS_ENV} or put them in ../shared/fid")
+@pytest.mark.skipif(WEIGHTS is None, reason=f"no FID Inception weights: set ${fid_stats.WEIGHTS_ENV} or put them in ../shared/fid")
 def test_real_inception_weights_give_zero_for_a_set_against_itself(tmp_path, mnist_sets):
     train, test = mnist_sets
-    metric = ev.make_fid(weights_path=str(WEIGHTS))
+    metric = fid_stats.make_fid(weights_path=str(WEIGHTS))
     assert sum(p.numel() for p in metric.inception.parameters()) > 20_000_000
     reference = Subset(train, range(48))
-    ev.ensure_real_stats(metric, reference, {"dataset": "mnist48"}, tmp_path, None, 48, CPU)
+    fid_stats.ensure_real_stats(metric, reference, {"dataset": "mnist48"}, tmp_path, None, 48, CPU)
     assert ev.fid_of_dataset(metric, reference, None, 48, CPU) == pytest.approx(0.0, abs=0.5)
     digits = ev.fid_of_dataset(metric, Subset(test, range(48)), None, 48, CPU)
     noise = lambda x_T, generator, indices: x_T.clamp(-1, 1)
@@ -302,7 +303,7 @@ def test_real_inception_weights_give_zero_for_a_set_against_itself(tmp_path, mni
     assert fid_noise > 200 and fid_noise > 3 * digits, (fid_noise, digits)
 
 
-@pytest.mark.skipif(WEIGHTS is None, reason=f"no FID Inception weights: set ${ev.WEIGHTS_ENV} or put them in ../shared/fid")
+@pytest.mark.skipif(WEIGHTS is None, reason=f"no FID Inception weights: set ${fid_stats.WEIGHTS_ENV} or put them in ../shared/fid")
 def test_fast_inception_path_gives_the_reference_features(mnist_sets):
     """Channels-last weights fed 8 images at a time (the CPU path, 2.2x faster) against torchmetrics' own
     Inception in fp32, contiguous, the whole batch at once."""
@@ -310,15 +311,15 @@ def test_fast_inception_path_gives_the_reference_features(mnist_sets):
 
     train, _ = mnist_sets
     images = torch.stack([train[i][0] for i in range(12)])  # two chunks: 8 + 4
-    uint8 = ev.to_fid_uint8(images)
+    uint8 = fid_stats.to_fid_uint8(images)
     reference = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(WEIGHTS)).inception
-    fast = ev.make_fid(weights_path=str(WEIGHTS))
+    fast = fid_stats.make_fid(weights_path=str(WEIGHTS))
     assert fast.inception.Conv2d_1a_3x3.conv.weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         expected = reference(uint8).double()
-        got = torch.cat([fast.inception(c) for c in uint8.split(ev.CPU_FEATURE_CHUNK)]).double()
+        got = torch.cat([fast.inception(c) for c in uint8.split(fid_stats.CPU_FEATURE_CHUNK)]).double()
     assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()
-    ev.update_metric(fast, images, real=False)  # the path every evaluation takes
+    fid_stats.update_metric(fast, images, real=False)  # the path every evaluation takes
     assert int(fast.fake_features_num_samples) == 12
     assert torch.allclose(fast.fake_features_sum, expected.sum(0), rtol=1e-3, atol=1e-3 * expected.abs().max().item())
 

@@ -338,15 +338,16 @@ def test_fid_callback_scores_each_ema_length_and_puts_the_weights_back(tmp_path,
 
     monkeypatch.setattr(fid, "evaluate", recording_evaluate)
     monkeypatch.setattr(fid, "evaluate_ema_lengths", recording_ema)
+    fid.phema = PostHocEMA(snapshot_every_n_steps=2)  # as DiffusionCLI hands it
     trainer = Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=False, limit_val_batches=1,
-                      default_root_dir=tmp_path, callbacks=[PostHocEMA(snapshot_every_n_steps=2), fid])
+                      default_root_dir=tmp_path, callbacks=[fid.phema, fid])
     with pytest.warns(UserWarning, match="skips EMA length 0.25: .*choose one from"):  # too long for 6 steps
         trainer.fit(cli.model, datamodule=cli.datamodule)
     metrics = trainer.callback_metrics
     assert {"fid/ddim5", "fid/ddim5_ema0.05", "fid/ddim5_ema0.09"} <= set(metrics)
     assert set(fid.last_results) == {"ddim5", "ddim5_ema0.05", "ddim5_ema0.09"}
-    assert fid.last_results["ddim5_ema0.09"]["ema_length"] == 0.09
+    assert fid.last_results["ddim5_ema0.09"].ema_length == 0.09
     # The fixed EMA, then each rebuilt length: three different sets of weights, and the module's own put back.
     assert len(seen) == 3 and not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
     assert around == [True]

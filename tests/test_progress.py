@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from diffusion import evaluation as ev
+from diffusion import fid_stats
 from diffusion import progress as pg
 from diffusion.callbacks import Throughput
 from diffusion.errors import ConfigError
@@ -78,14 +79,14 @@ def test_every_sampler_advances_its_progress_once_per_network_call(name, steps, 
 
 def test_evaluation_bars_count_images_per_sampler_and_per_feature_pass(tmp_path, counters):
     data = TensorDataset(torch.rand(40, 1, 8, 8) * 2 - 1)
-    metric = ev.make_fid(TinyFeatures())
-    ev.ensure_real_stats(metric, data, {"dataset": "toy", "split": "train"}, tmp_path, None, 16, CPU, progress=Counter)
+    metric = fid_stats.make_fid(TinyFeatures())
+    fid_stats.ensure_real_stats(metric, data, {"dataset": "toy", "split": "train"}, tmp_path, None, 16, CPU, progress=Counter)
     ev.fid_of_samples(metric, lambda x_T, g, idx: x_T.clamp(-1, 1), 10, (1, 8, 8), 0, 4, CPU, progress=Counter,
                       desc="FID ddim5")
     features, samples = counters
     assert (features.total, features.n) == (40, 40) and "toy" in features.desc
     assert (samples.total, samples.n, samples.desc) == (10, 10, "FID ddim5")  # batches of 4, 4, 2 images
-    ev.ensure_real_stats(ev.make_fid(TinyFeatures()), data, {"dataset": "toy", "split": "train"}, tmp_path, None, 16,
+    fid_stats.ensure_real_stats(fid_stats.make_fid(TinyFeatures()), data, {"dataset": "toy", "split": "train"}, tmp_path, None, 16,
                          CPU, progress=Counter)
     assert len(counters) == 2  # cached: no features to compute, no bar
 

@@ -13,14 +13,12 @@
 
 One file per callback, as Lightning lays out its own; ``common`` holds what they share. Each works on DDP:
 the work is split across ranks, every collective is called by every rank, and only rank 0 writes files (the
-loggers' ``log_*`` methods are rank-zero only already). Samples come from the EMA weights:
+loggers' ``log_*`` methods are rank-zero only already). What the loggers get is made in ``diffusion.report``. Samples come from the EMA weights:
 the ``EMA`` callback's average during ``fit``, the module itself elsewhere (a checkpoint's ``state_dict``
 holds the EMA weights), so the result does not depend on the order in which callbacks run.
 """
 
-from diffusion.callbacks.common import (
-    DEFAULT_SAMPLERS, labelled_rows, log_image, log_line_chart, log_metrics, log_step, run_dir, sampling_module, to_pil,
-)
+from diffusion.callbacks.common import DEFAULT_SAMPLERS, labelled_rows, log_metrics, run_dir, sampling_module
 from diffusion.callbacks.consistency import ConsistencyTuningRun
 from diffusion.callbacks.dashboard import WandbDashboard
 from diffusion.callbacks.diagnostics import TimestepDiagnostics
@@ -32,6 +30,6 @@ from diffusion.callbacks.throughput import Throughput
 
 __all__ = [
     "ConsistencyTuningRun", "DEFAULT_SAMPLERS", "DistillationRounds", "FIDEvaluation", "SampleGrids", "ThreadTuning", "Throughput",
-    "TimestepDiagnostics", "WandbDashboard", "format_table", "labelled_rows", "log_image", "log_line_chart",
-    "log_metrics", "log_step", "run_dir", "sampling_module", "to_pil",
+    "TimestepDiagnostics", "WandbDashboard", "format_table", "labelled_rows", "log_metrics", "run_dir",
+    "sampling_module",
 ]

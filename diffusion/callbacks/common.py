@@ -1,16 +1,13 @@
-"""What the callbacks share: where the EMA weights are, where a run writes, logging straight to the loggers
-(images, charts, metrics between Lightning's logging steps), sample grids as pictures, and when to evaluate."""
+"""What the callbacks share: where the EMA weights are, where a run writes, metrics between Lightning's logging
+steps (through ``diffusion.report``'s step), sample grids as pictures, and when to evaluate."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image, ImageDraw
 from torch import Tensor
@@ -18,10 +15,14 @@ from torch import Tensor
 from diffusion import evaluation as ev
 from diffusion.ema import EMA
 from diffusion.errors import ConfigError
+from diffusion.report import log_step, to_pil
 
 DEFAULT_SAMPLERS = ("ddpm1000", "ddim10", "ddim25", "ddim50")
 
 
+# The second of the two modules that look into trainer.callbacks (the first is the CLI's wiring): these two ask
+# every evaluation's state-of-the-moment questions (is the EMA copy swapped in, has a signal asked for a stop) for
+# any Trainer, also one built in Python without the wiring, where a missed EMA would score the raw weights silently.
 def sampling_module(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
     """The module holding the EMA weights right now."""
     for cb in trainer.callbacks:
@@ -40,60 +41,10 @@ def run_dir(trainer: Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def log_step(trainer: Trainer) -> int:
-    """The step ``self.log`` would log at now, so that direct logs share its x-axis (during a training batch
-    Lightning logs at global_step - 1: its counter moves after the batch's hooks)."""
-    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
-
-
-def images_seen(trainer: Trainer, step: Optional[int] = None) -> int:
-    """Training images seen by ``step`` (default: now): optimizer steps x the global batch (per-device batch x
-    devices x accumulated batches), the x-axis on which runs of other batch sizes or device counts compare."""
-    batch = int(getattr(trainer.datamodule, "batch_size", 0) or 0)
-    step = trainer.global_step if step is None else step
-    return step * batch * trainer.world_size * trainer.accumulate_grad_batches
-
-
 def log_metrics(trainer: Trainer, metrics: dict[str, Any]) -> None:
     """Straight to the loggers (``self.log`` would drop values between its logging steps)."""
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=log_step(trainer))
-
-
-def log_image(trainer: Trainer, key: str, image: Image.Image, caption: str) -> None:
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key, [image], step=log_step(trainer), caption=[caption])
-        elif isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-            array = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
-            logger.experiment.add_image(key, array, global_step=log_step(trainer))
-
-
-def log_line_chart(trainer: Trainer, key: str, title: str, xname: str, series: dict[str, tuple[list, list]]) -> None:
-    """A W&B line chart (one line per series of (xs, ys)); other loggers have the underlying scalars."""
-    if not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            import wandb
-
-            names = list(series)
-            chart = wandb.plot.line_series(
-                xs=[list(map(float, series[n][0])) for n in names],
-                ys=[list(map(float, series[n][1])) for n in names],
-                keys=names,
-                title=title,
-                xname=xname,
-            )
-            logger.log_metrics({key: chart}, step=log_step(trainer))
-
-
-def to_pil(images: Tensor, nrow: int) -> Image.Image:
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images.float().add(1).div(2).clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
-    array = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array if array.shape[2] == 3 else array[..., 0])
 
 
 def labelled_rows(rows: Sequence[Tensor], labels: Sequence[str], scale: int = 2) -> Image.Image:

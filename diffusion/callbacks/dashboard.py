@@ -3,33 +3,21 @@ from a ``test`` run to the training run, checkpoints as artifacts (opt-in), and 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from diffusion import dashboard
-from diffusion.callbacks.common import images_seen, log_step
+from diffusion import dashboard, report
 from diffusion.errors import ConfigError
+from diffusion.evaluation import FIDRecord
+from diffusion.report import images_seen, log_step, wandb_runs
 
 OFFLINE_UPLOAD = ("dashboard.log_checkpoints: checkpoints are uploaded only when W&B runs online, and this run is "
                   "offline; turn it on with WANDB_MODE=online (after `wandb login`) or "
                   "--trainer.logger.init_args.offline false.")
-
-
-def wandb_runs(trainer: Trainer) -> list:
-    """The W&B runs of the trainer's loggers (rank 0; elsewhere none)."""
-    if not trainer.is_global_zero:
-        return []
-    return [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-
-
-def dashboard_of(trainer: Trainer) -> Optional["WandbDashboard"]:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, WandbDashboard)), None)
 
 
 class WandbDashboard(Callback):
@@ -61,9 +49,10 @@ class WandbDashboard(Callback):
         self.log_checkpoints, self.table_images = log_checkpoints, table_images
         self.run_id: Optional[str] = None  # this run's id (DiffusionCLI sets it: the folder's and W&B's)
         self.training_run: Optional[str] = None  # the run that trained the checkpoint under test (DiffusionCLI)
-        self.table = dashboard.EvaluationTable()
+        self.table = report.EvaluationTable()
         self.uploaded: list[Path] = []
         self.trained: Optional[tuple[int, int]] = None  # (epoch, step) of the checkpoint a `test` loaded
+        self.fid_keys: list[str] = []  # the FID callback's metric keys, handed by DiffusionCLI (no look-up)
 
     # --- the run's identity --------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -75,18 +64,11 @@ class WandbDashboard(Callback):
             linked = self.training_run and self.training_run != run.id
             trained_by = [f"trained_by:{self.training_run}"] if linked else []
             run.tags = tuple(dict.fromkeys([*(run.tags or ()), *dashboard.run_tags(trainer, pl_module), *trained_by]))
-            dashboard.define_metrics(run, self.fid_keys(trainer))
+            report.define_metrics(run, self.fid_keys)
             if trained_by:
                 run.config.update({"run/training_run": self.training_run}, allow_val_change=True)
-            if self.log_checkpoints and stage == "fit" and not dashboard.is_online(run):
+            if self.log_checkpoints and stage == "fit" and not report.is_online(run):
                 rank_zero_info(OFFLINE_UPLOAD)
-
-    @staticmethod
-    def fid_keys(trainer: Trainer) -> list[str]:
-        from diffusion.callbacks.fid import FIDEvaluation
-
-        fid = next((cb for cb in trainer.callbacks if isinstance(cb, FIDEvaluation)), None)
-        return [] if fid is None else fid.metric_keys()
 
     # --- images seen ---------------------------------------------------------------------------------------
     # Through the module's log, so that the value sits in the same rows as the losses and FIDs it is the x-axis
@@ -102,8 +84,8 @@ class WandbDashboard(Callback):
             pl_module.log(dashboard.IMAGES_SEEN, float(images_seen(trainer)), sync_dist=True)  # the same on every rank
 
     # --- the evaluation table ------------------------------------------------------------------------------
-    def log_evaluation(self, trainer: Trainer, results: list[dict], floor: Optional[float]) -> None:
-        """One evaluation's results (``FIDScorer.score``'s fields, ``images`` optional) as rows of the table."""
+    def log_evaluation(self, trainer: Trainer, results: list[FIDRecord], floor: Optional[float]) -> None:
+        """One evaluation's records as rows of the table."""
         stage = "fit" if trainer.state.fn == TrainerFn.FITTING else str(getattr(trainer.state.fn, "value", "eval"))
         # Outside `fit`, the rows sit at the training step of the checkpoint evaluated, beside that run's rows.
         fitting = stage == "fit" or self.trained is None
@@ -130,37 +112,19 @@ class WandbDashboard(Callback):
     # --- the end of a run ----------------------------------------------------------------------------------
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for run in wandb_runs(trainer):
-            if self.log_checkpoints and dashboard.is_online(run):
+            if self.log_checkpoints and report.is_online(run):
                 self.upload_checkpoints(trainer, run)
-            rank_zero_info(dashboard.sync_hint(run))
+            rank_zero_info(report.sync_hint(run))
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for run in wandb_runs(trainer):
-            rank_zero_info(dashboard.sync_hint(run))
+            rank_zero_info(report.sync_hint(run))
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING:  # `validate` on its own; in `fit`, on_fit_end says it
             self.on_test_end(trainer, pl_module)
 
     def upload_checkpoints(self, trainer: Trainer, run) -> list[Path]:
-        """The final ``last.ckpt`` (``all``: every checkpoint in its folder, oldest first) as versions of the
-        artifact ``model-<run id>``. Lightning's ``log_model`` is not used: it skips the ``last.ckpt`` that
-        ``FinalCheckpoint`` writes itself, and is refused outright with ``offline``."""
-        import wandb
-
-        cb = trainer.checkpoint_callback
-        folder = Path(getattr(cb, "dirpath", None) or "")
-        last = folder / "last.ckpt"
-        files = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if self.log_checkpoints == "all" else []
-        files = [p for p in files if p != last] + ([last] if last.is_file() else [])
-        for path in files:
-            match = re.search(r"step=(\d+)", path.name)
-            step = trainer.global_step if path == last else int(match[1]) if match else None
-            fids = {name: fid for name, points in self.table.history.items() for s, fid in points if s == step}
-            metadata = {"step": step, "images_seen": None if step is None else images_seen(trainer, step),
-                        "fid": fids, "file": path.name, "training_run": self.run_id}
-            artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=metadata)
-            artifact.add_file(str(path), name=path.name)
-            run.log_artifact(artifact, aliases=(["latest"] if path == last else []) + [f"step-{step}"])
-            self.uploaded.append(path)
-        return files
+        """The final ``last.ckpt`` (``all``: every checkpoint in its folder) as versions of ``model-<run id>``."""
+        return report.upload_checkpoints(trainer, run, self.log_checkpoints == "all", self.table.history, self.run_id,
+                                         self.uploaded)

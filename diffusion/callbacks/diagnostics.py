@@ -10,7 +10,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
-from diffusion.callbacks.common import log_line_chart, log_metrics
+from diffusion.callbacks.common import log_metrics
+from diffusion.report import log_line_chart
 from diffusion.errors import ConfigError
 
 

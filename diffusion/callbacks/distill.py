@@ -15,8 +15,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from diffusion import evaluation as ev
+from diffusion import fid_stats
 from diffusion.callbacks.common import (
-    image_shape, labelled_rows, log_image, log_line_chart, log_metrics, run_dir, sample_fn, sampling_module,
+    image_shape, labelled_rows, log_metrics, run_dir, sample_fn, sampling_module,
     stop_requested,
 )
 from diffusion.callbacks.fid import FIDEvaluation
@@ -26,6 +27,7 @@ from diffusion.objective import (
     EDM_ARGS, SCHEDULE_ARGS, EDMObjective, Objective, ProgressiveDistillation, edm_preconditioned,
 )
 from diffusion.progress import progress_bars
+from diffusion.report import log_image, log_line_chart
 from diffusion.runs import read_checkpoint, state_dict_mismatch
 
 
@@ -154,7 +156,10 @@ class DistillationRounds(Callback):
         self._first: Optional[LightningModule] = None  # the checkpoint's model: what the students are compared with
         self._restored: Optional[dict] = None
         self._fingerprint: Optional[str] = None  # of the first teacher's weights
-        self.ema: Optional[EMA] = None  # handed over by diffusion.callbacks.wiring.wire: its copy starts as the teacher
+        # Handed over by diffusion.callbacks.wiring.wire: the EMA (its copy starts as the teacher) and the
+        # FIDEvaluation whose scorer scores the rounds.
+        self.ema: Optional[EMA] = None
+        self.fid: Optional[FIDEvaluation] = None
 
     @staticmethod
     def objective(pl_module: LightningModule) -> Optional[ProgressiveDistillation]:
@@ -300,9 +305,8 @@ class DistillationRounds(Callback):
         result: dict[str, Any] = {"round": self.round + 1, "steps": steps, "step": trainer.global_step, "checkpoint": str(path)}
         spec = ev.SamplerSpec.parse(f"ddim{steps}")
         student = sampling_module(trainer, pl_module)
-        fid = next((cb for cb in trainer.callbacks if isinstance(cb, FIDEvaluation)), None)
-        if self.num_samples and fid is not None:
-            result.update(self.score(trainer, pl_module, fid, student, spec))
+        if self.num_samples and self.fid is not None:
+            result.update(self.score(trainer, pl_module, self.fid, student, spec))
         self.results.append(result)
         rank_zero_info(
             f"Distillation round {result['round']}/{objective.rounds} done at step {trainer.global_step}: {path}"
@@ -321,7 +325,7 @@ class DistillationRounds(Callback):
         def fid_of(module: LightningModule, s: ev.SamplerSpec) -> float:
             r = scorer.score(module, s, self.num_samples, precision=trainer.precision_plugin.forward_context,
                              progress=bars, keep=0)
-            return float(r["fid"])
+            return float(r.fid)
 
         if self.reference_fid is None:
             self.reference_fid = fid_of(self._first, self.reference)
@@ -344,7 +348,7 @@ class DistillationRounds(Callback):
         return out
 
     def grid(self, trainer: Trainer, pl_module: LightningModule, student: LightningModule, spec: ev.SamplerSpec) -> None:
-        x_T = ev.seeded_noise(range(self.grid_images), image_shape(student), self.seed).to(pl_module.device)
+        x_T = fid_stats.seeded_noise(range(self.grid_images), image_shape(student), self.seed).to(pl_module.device)
         rows, labels = [], []
         for module, s, label in ((self._first, self.reference, f"teacher {self.reference.text}"),
                                  (self._first, spec, f"teacher {spec.text}"), (student, spec, f"student {spec.text}")):

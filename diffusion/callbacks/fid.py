@@ -5,26 +5,27 @@ metric, the cached statistics, the floor, the seeded sampling), as it does for `
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from diffusion import evaluation as ev
+from diffusion import fid_stats
 from diffusion.callbacks.common import (
-    DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, final_validation, log_line_chart, log_step, run_dir,
-    sampling_module,
+    DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, final_validation, run_dir, sampling_module,
 )
-from diffusion.callbacks.dashboard import dashboard_of
+from diffusion.callbacks.dashboard import WandbDashboard
 from diffusion.errors import ConfigError
 from diffusion.phema import PostHocEMA, rebuild, sigma_rel_to_gamma
 from diffusion.progress import progress_bars
+from diffusion.report import log_line_chart, log_table
 
 
 class FIDEvaluation(ValidateAtLastStep):
@@ -102,12 +103,16 @@ class FIDEvaluation(ValidateAtLastStep):
         self.batch_size, self.seed, self.validate_at_last_step = batch_size, seed, validate_at_last_step
         self.weights_path = weights_path
         if feature_extractor is None:
-            ev.default_weights_path(weights_path)  # a wrong path fails now, not after an epoch of training
-        self.cache_dir = Path(cache_dir) if cache_dir else ev.default_cache_dir()
+            fid_stats.default_weights_path(weights_path)  # a wrong path fails now, not after an epoch of training
+        self.cache_dir = Path(cache_dir) if cache_dir else fid_stats.default_cache_dir()
         self.feature_extractor = feature_extractor
         self._scorer: Optional[ev.FIDScorer] = None
         self._scorer_settings: Optional[tuple] = None
-        self.last_results: dict[str, dict[str, Any]] = {}  # spec key -> FIDScorer.score's fields, images left out
+        # Handed by DiffusionCLI once the trainer is built, never searched for: the W&B dashboard the records go to
+        # (its table shows the first samples) and the PostHocEMA callback that ema_lengths rebuild from.
+        self.dashboard: Optional[WandbDashboard] = None
+        self.phema: Optional[PostHocEMA] = None
+        self.last_results: dict[str, ev.FIDRecord] = {}  # metric key -> the last evaluation's record, images left out
 
     def metric_keys(self) -> list[str]:
         """The keys of the FIDs this callback logs, ``fid/<key>`` and ``test/fid/<key>``."""
@@ -120,7 +125,7 @@ class FIDEvaluation(ValidateAtLastStep):
         ev.parse_samplers([s.text for s in self.test_specs], T)
         ev.parse_samplers([s.text for s in self.final_specs], T)
         check_guidance([*self.specs, *self.test_specs, *self.final_specs], pl_module, "FIDEvaluation")
-        if self.ema_lengths and stage == "fit" and not any(isinstance(c, PostHocEMA) for c in trainer.callbacks):
+        if self.ema_lengths and stage == "fit" and self.phema is None:
             raise ConfigError(
                 "FIDEvaluation.ema_lengths needs the PostHocEMA callback, whose profiles it rebuilds: add "
                 "diffusion.phema.PostHocEMA to trainer.callbacks, or set fid.ema_lengths to []."
@@ -157,34 +162,30 @@ class FIDEvaluation(ValidateAtLastStep):
         device = pl_module.device
         return self._scorer.prepare(trainer.datamodule, device, self.limited("num_real", device), progress_bars(trainer))
 
-    def evaluate(self, trainer: Trainer, pl_module: LightningModule, specs, num_samples: int) -> dict[str, dict]:
-        """Each sampler's ``FIDScorer.score`` fields, with the first samples (those the dashboard's table shows)
-        as ``images``."""
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule, specs, num_samples: int) -> dict[str, ev.FIDRecord]:
+        """Each sampler's record, keeping the first samples (those the dashboard's table shows) as ``images``."""
         module = sampling_module(trainer, pl_module)
         scorer = self.scorer(trainer, pl_module)
         results = {}
         bars = progress_bars(trainer)
-        dashboard = dashboard_of(trainer)
-        shown = dashboard.table_images if dashboard is not None else 0
+        shown = self.dashboard.table_images if self.dashboard is not None else 0
         for spec in specs:
             r = scorer.score(module, spec, num_samples, precision=trainer.precision_plugin.forward_context,
                              progress=bars, keep=None if self.save_samples else shown)
-            images, indices = r.pop("images"), r.pop("indices")
+            images, indices = r.images, r.indices
             if self.save_samples:
                 stage = getattr(trainer.state.stage, "value", "eval")
-                path = run_dir(trainer) / "fid_samples" / f"{stage}-step{trainer.global_step}-{spec.key}-rank{ev.dist_info()[0]}.npz"
+                path = run_dir(trainer) / "fid_samples" / f"{stage}-step{trainer.global_step}-{spec.key}-rank{fid_stats.dist_info()[0]}.npz"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                np.savez_compressed(path, images=ev.to_fid_uint8(images)[:, : images.shape[1]].numpy(), indices=np.asarray(indices))
-            results[spec.key] = {**r, "images": images[:shown]}
-            rank_zero_info(f"FID {spec.key}: {r['fid']:.2f} ({num_samples} samples, {r['seconds']:.1f} s sampling)")
+                np.savez_compressed(path, images=fid_stats.to_fid_uint8(images)[:, : images.shape[1]].numpy(), indices=np.asarray(indices))
+            results[spec.key] = replace(r, images=images[:shown], indices=indices[:shown])
+            rank_zero_info(f"FID {spec.key}: {r.fid:.2f} ({num_samples} samples, {r.seconds:.1f} s sampling)")
         self.last_results = without_images(results)
         return results
 
-    @staticmethod
-    def to_dashboard(trainer: Trainer, results: dict[str, dict], floor: Optional[float]) -> None:
-        dashboard = dashboard_of(trainer)
-        if dashboard is not None:
-            dashboard.log_evaluation(trainer, list(results.values()), floor)
+    def to_dashboard(self, trainer: Trainer, results: dict[str, ev.FIDRecord], floor: Optional[float]) -> None:
+        if self.dashboard is not None:
+            self.dashboard.log_evaluation(trainer, list(results.values()), floor)
 
     def floor_fid(self, trainer: Trainer, pl_module: LightningModule, num: int) -> tuple[float, int]:
         """The held-out split's FID against the training statistics, for ``num`` images (at most the split):
@@ -198,36 +199,36 @@ class FIDEvaluation(ValidateAtLastStep):
         specs = self.final_specs if final else self.specs
         results = self.evaluate(trainer, pl_module, specs, self.limited("num_samples", pl_module.device))
         for key, r in results.items():
-            pl_module.log(f"fid/{key}", r["fid"], sync_dist=True)  # the same on every rank; the mean keeps it
-            pl_module.log(f"fid_seconds/{key}", r["seconds"], sync_dist=True)
+            pl_module.log(f"fid/{key}", r.fid, sync_dist=True)  # the same on every rank; the mean keeps it
+            pl_module.log(f"fid_seconds/{key}", r.seconds, sync_dist=True)
         floor = None
         if self.floor:
             floor, n_floor = self.floor_fid(trainer, pl_module, self.limited("num_samples", pl_module.device))
             pl_module.log("fid/floor", floor, sync_dist=True)
             rank_zero_info(f"FID floor: {floor:.2f} ({n_floor} held-out images against the same statistics)")
         families: dict[str, tuple[list, list]] = {}
-        for r in sorted(results.values(), key=lambda r: r["steps"]):
-            name = r["sampler"] if r["guidance"] is None else f"{r['sampler']} w={r['guidance']:g}"
+        for r in sorted(results.values(), key=lambda r: r.spec.steps):
+            name = r.spec.name if r.spec.guidance is None else f"{r.spec.name} w={r.spec.guidance:g}"
             xs, ys = families.setdefault(name, ([], []))
-            xs.append(r["steps"])
-            ys.append(r["fid"])
+            xs.append(r.spec.steps)
+            ys.append(r.fid)
         log_line_chart(trainer, "fid/vs_steps", "FID against sampling steps", "steps", families)
         sweeps: dict[str, tuple[list, list]] = {}
-        for r in sorted(results.values(), key=lambda r: r["guidance"] or 0.0):
-            if r["guidance"] is not None:
-                xs, ys = sweeps.setdefault(f"{r['sampler']}{r['steps']}", ([], []))
-                xs.append(r["guidance"])
-                ys.append(r["fid"])
+        for r in sorted(results.values(), key=lambda r: r.spec.guidance or 0.0):
+            if r.spec.guidance is not None:
+                xs, ys = sweeps.setdefault(f"{r.spec.name}{r.spec.steps}", ([], []))
+                xs.append(r.spec.guidance)
+                ys.append(r.fid)
         if any(len(xs) > 1 for xs, _ in sweeps.values()):
             log_line_chart(trainer, "fid/vs_guidance", "FID against the guidance scale w", "w", sweeps)
         if self.ema_lengths:
             results = {**results, **self.evaluate_ema_lengths(trainer, pl_module)}
         self.to_dashboard(trainer, results, floor)
 
-    def evaluate_ema_lengths(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, dict]:
+    def evaluate_ema_lengths(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, ev.FIDRecord]:
         """Each sampler at each of ``ema_lengths``, the weights rebuilt from the live PostHocEMA profiles and
         swapped into the sampling module for the evaluation (its own weights are put back after)."""
-        phema = next((c for c in trainer.callbacks if isinstance(c, PostHocEMA)), None)
+        phema = self.phema
         if phema is None or phema.averages is None or not phema.step:
             return {}
         module = sampling_module(trainer, pl_module)
@@ -243,13 +244,14 @@ class FIDEvaluation(ValidateAtLastStep):
                     continue
                 rank_zero_info(f"Post-hoc EMA length {length:g}:")
                 module.load_state_dict(state)
-                for key, r in self.evaluate(trainer, pl_module, self.specs, self.limited("num_samples", pl_module.device)).items():
-                    results[f"{key}_ema{length:g}"] = {**r, "ema_length": length}
+                for r in self.evaluate(trainer, pl_module, self.specs, self.limited("num_samples", pl_module.device)).values():
+                    r = replace(r, ema_length=length)
+                    results[r.key] = r
         finally:
             module.load_state_dict(own)
             self.last_results = {**fixed_ema, **without_images(results)}
         for key, r in results.items():
-            pl_module.log(f"fid/{key}", r["fid"], sync_dist=True)
+            pl_module.log(f"fid/{key}", r.fid, sync_dist=True)
         return results
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -257,30 +259,28 @@ class FIDEvaluation(ValidateAtLastStep):
             return
         num_samples = self.limited("test_num_samples", pl_module.device)
         results = self.evaluate(trainer, pl_module, self.test_specs, num_samples)
-        rows = [[r["sampler"], r["steps"], r["guidance"], r["fid"], r["seconds"], r["images_per_second"]] for r in results.values()]
+        rows = [[r.spec.name, r.spec.steps, r.spec.guidance, r.fid, r.seconds, r.images_per_second] for r in results.values()]
         floor = None
         if self.test_floor:
             floor, n_floor = self.floor_fid(trainer, pl_module, num_samples)
             rows.append([f"held-out data ({n_floor} images): the floor", None, None, floor, None, None])
             pl_module.log("test/fid_floor", floor, sync_dist=True)
         for key, r in results.items():
-            pl_module.log(f"test/fid/{key}", r["fid"], sync_dist=True)
-            pl_module.log(f"test/fid_seconds/{key}", r["seconds"], sync_dist=True)
-            pl_module.log(f"test/images_per_second/{key}", r["images_per_second"], sync_dist=True)
+            pl_module.log(f"test/fid/{key}", r.fid, sync_dist=True)
+            pl_module.log(f"test/fid_seconds/{key}", r.seconds, sync_dist=True)
+            pl_module.log(f"test/images_per_second/{key}", r.images_per_second, sync_dist=True)
         self.to_dashboard(trainer, results, floor)
         columns = ["sampler", "steps", "guidance", "FID", "seconds", "images/s"]
-        if all(r["guidance"] is None for r in results.values()):  # an unconditional model: no guidance column
+        if all(r.spec.guidance is None for r in results.values()):  # an unconditional model: no guidance column
             columns, rows = columns[:2] + columns[3:], [row[:2] + row[3:] for row in rows]
         if trainer.is_global_zero:
             # The answer `test` was run for: stdout, next to Lightning's table of metrics.
             print(format_table(columns, rows, f"FID of {num_samples} samples against the training set"), flush=True)
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_table("test/fid_table", columns=columns, data=rows, step=log_step(trainer))
+            log_table(trainer, "test/fid_table", columns, rows)
 
 
-def without_images(results: dict[str, dict]) -> dict[str, dict]:
-    return {key: {k: v for k, v in r.items() if k != "images"} for key, r in results.items()}
+def without_images(results: dict[str, ev.FIDRecord]) -> dict[str, ev.FIDRecord]:
+    return {key: replace(r, images=r.images[:0], indices=[]) for key, r in results.items()}
 
 
 def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str) -> str:

@@ -11,11 +11,13 @@ from PIL import Image
 from torch import Tensor
 
 from diffusion import evaluation as ev
+from diffusion import fid_stats
 from diffusion.callbacks.common import (
-    DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, image_shape, labelled_rows, log_image,
+    DEFAULT_SAMPLERS, ValidateAtLastStep, check_guidance, due, image_shape, labelled_rows,
     module_class_names, num_classes_of, run_dir, sample_fn, sampling_module,
 )
 from diffusion.errors import ConfigError
+from diffusion.report import log_image
 
 
 class SampleGrids(ValidateAtLastStep):
@@ -60,7 +62,7 @@ class SampleGrids(ValidateAtLastStep):
         module = sampling_module(trainer, pl_module)
         shape = image_shape(module)
         # Every rank samples the same few images (cheap) so that no rank idles at a later collective.
-        x_T = ev.seeded_noise(range(self.num_images), shape, self.seed).to(pl_module.device)
+        x_T = fid_stats.seeded_noise(range(self.num_images), shape, self.seed).to(pl_module.device)
         rows = []
         for spec in self.specs:
             generator = torch.Generator().manual_seed(self.seed)
@@ -87,7 +89,7 @@ class SampleGrids(ValidateAtLastStep):
             self._strip_done = True
 
     def class_rows(self, trainer, module, spec, shape, num_classes: int, device) -> list[Tensor]:
-        x_T = ev.seeded_noise(range(self.num_images), shape, self.seed).to(device)
+        x_T = fid_stats.seeded_noise(range(self.num_images), shape, self.seed).to(device)
         rows = []
         for c in range(num_classes):
             labels = torch.full((self.num_images,), c, dtype=torch.long)

@@ -3,7 +3,8 @@
 Why not a search of ``trainer.callbacks`` in each callback: that couples every callback to the types and the order of
 the others, and hides the dependencies. Here they are in one list: the CLI calls ``wire(trainer.callbacks)`` once the
 Trainer exists; a Trainer built in Python does the same (without it, the callbacks below run without those services:
-no EMA copy to start from a teacher, no time budget in the pace estimate, no evaluation cadence for the save before it).
+no EMA copy to start from a teacher, no time budget in the pace estimate, no evaluation cadence for the save before it,
+no dashboard rows from the FID, and an FID of post-hoc EMA lengths refused).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import Timer, WeightAveraging
 
 from diffusion.callbacks.consistency import ConsistencyTuningRun
+from diffusion.callbacks.dashboard import WandbDashboard
 from diffusion.callbacks.distill import DistillationRounds
+from diffusion.callbacks.fid import FIDEvaluation
 from diffusion.callbacks.final_checkpoint import FinalCheckpoint
 from diffusion.callbacks.throughput import Throughput
 from diffusion.ema import EMA
+from diffusion.phema import PostHocEMA
 from diffusion.runs import SaveAndLogConfig
 
 C = TypeVar("C", bound=Callback)
@@ -27,9 +31,11 @@ def _first(callbacks: Sequence[Callback], kind: type[C]) -> Optional[C]:
     return next((cb for cb in callbacks if isinstance(cb, kind)), None)
 
 
-def wire(callbacks: Sequence[Callback]) -> None:
-    """Hands each callback in ``callbacks`` the others it works with (see the module's doc)."""
+def wire(callbacks: Sequence[Callback], run_id: Optional[str] = None, training_run: Optional[str] = None) -> None:
+    """Hands each callback in ``callbacks`` the others it works with (see the module's doc), and the dashboard the
+    run's identity (``run_id``; ``training_run``: the id of the run a ``test`` or ``validate`` scores)."""
     ema = _first(callbacks, EMA)
+    fid, dashboard = _first(callbacks, FIDEvaluation), _first(callbacks, WandbDashboard)
     timer = _first(callbacks, Timer)
     averaging = [cb for cb in callbacks if isinstance(cb, WeightAveraging)]
     # The evaluations with a cadence (FID, sample grids): the step is saved before one that is due.
@@ -41,3 +47,10 @@ def wire(callbacks: Sequence[Callback]) -> None:
             cb.timer = timer
         if isinstance(cb, FinalCheckpoint):
             cb.weight_averaging, cb.evaluation_cadences = averaging, cadences
+        if isinstance(cb, DistillationRounds):
+            cb.fid = fid  # its scorer scores the rounds
+        if isinstance(cb, FIDEvaluation):
+            cb.dashboard, cb.phema = dashboard, _first(callbacks, PostHocEMA)
+        if isinstance(cb, WandbDashboard):
+            cb.run_id, cb.training_run = run_id, training_run
+            cb.fid_keys = fid.metric_keys() if fid is not None else []

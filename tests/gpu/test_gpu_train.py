@@ -112,15 +112,15 @@ def test_epoch_end_fid_on_the_gpu(fitted, mnist_dir, record_property):
     record_property("epoch_end_fid_ddim10_after_50_steps", rows[0]["fid/ddim10"])
     # The GPU's Inception features (cuDNN, channels-last, TF32 convolutions, under the training's bf16 autocast)
     # against the CPU's fp32 ones for the same 32 MNIST images: a wrong layout, scaling or dtype is far off.
-    from diffusion import evaluation as ev
+    from diffusion import fid_stats
 
     dm = DiffusionDataModule("mnist", data_dir=str(mnist_dir), num_workers=0)
     images = torch.stack([dm.reference_set("train")[i][0] for i in range(32)])
     sums = {}
     for device in ("cpu", "cuda"):
-        metric = ev.make_fid(weights_path=str(weights)).to(device)
+        metric = fid_stats.make_fid(weights_path=str(weights)).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            ev.update_metric(metric, images.to(device), real=True)
+            fid_stats.update_metric(metric, images.to(device), real=True)
         sums[device] = metric.real_features_sum.double().cpu()
     relative = float((sums["cuda"] - sums["cpu"]).norm() / sums["cpu"].norm())
     record_property("inception_gpu_vs_cpu_relative_error", relative)
