@@ -1,7 +1,7 @@
 """LightningModule: thin glue between Lightning and four named parts.
 
-- ``net`` (``diffusion.unet``): the noise predictor, which knows nothing of diffusion;
-- ``objective`` (``diffusion.objective``): the schedule, the target, the loss weighting, the denoiser for samplers;
+- ``net`` (``diffusion.unet``): the network, which knows nothing of diffusion;
+- ``objective`` (``diffusion.objective``): the schedule, the target, the loss weighting, the samplers' noise predictor;
 - ``optim`` (``diffusion.optim``): AdamW, warm-up, decay, scaling and their resume;
 - ``sampling`` (``diffusion.samplers.SamplingDefaults``) and ``speed`` (``diffusion.speed``).
 
@@ -343,7 +343,7 @@ class DiffusionModel(LightningModule):
             x_T = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
         device = self.device  # where the weights are (the EMA copy's too): the noise, timesteps and labels go there
         x_T = x_T.to(device)
-        denoiser = self.denoiser(self.sample_labels(x_T.shape[0], labels), guidance)
+        denoiser = self.noise_predictor(self.sample_labels(x_T.shape[0], labels), guidance)
         was_training = self.training
         self.eval()
         try:
@@ -387,12 +387,12 @@ class DiffusionModel(LightningModule):
             )
         return labels.to(self.device)
 
-    def denoiser(self, labels: Optional[Tensor] = None, guidance: Optional[float] = None):
-        """``denoiser(x_t, t) -> eps`` for the samplers, with classifier-free guidance (see ``Objective.denoiser``),
+    def noise_predictor(self, labels: Optional[Tensor] = None, guidance: Optional[float] = None):
+        """``(x_t, t) -> eps`` for the samplers, with classifier-free guidance (see ``Objective.noise_predictor``),
         through the network in its dtype (outside autocast: bf16-true) and speed switches."""
         w = check("guidance", self.sampling.guidance if guidance is None else guidance)
         dtype = next(self.net.parameters()).dtype
-        return self.objective.denoiser(self.fast.for_sampling(self.device), labels, w, getattr(self.net, "null_label", None), dtype)
+        return self.objective.noise_predictor(self.fast.for_sampling(self.device), labels, w, getattr(self.net, "null_label", None), dtype)
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
         """One image per index in the batch (see ``DiffusionDataModule.predict_dataloader``), seeded by the

@@ -94,7 +94,7 @@ def test_compiled_sampling_gives_the_same_images(eager_compile):
     g = torch.Generator().manual_seed(1)
     x, t, labels = torch.randn(3, 1, 28, 28, generator=g), torch.tensor([999, 500, 3]), torch.tensor([1, 2, 3])
     with torch.no_grad():
-        plain, compiled = model.denoiser(labels, 1.5)(x, t), fast.denoiser(labels, 1.5)(x, t)
+        plain, compiled = model.noise_predictor(labels, 1.5)(x, t), fast.noise_predictor(labels, 1.5)(x, t)
     assert plain.abs().mean() > 0.01  # not the zero output of a fresh U-Net: the network's output counts
     assert (compiled - plain).norm() <= 1e-5 * plain.norm(), (compiled - plain).abs().max()
     # The compiled copy is kept outside the module tree: the state dict's keys are the plain model's.
