@@ -119,8 +119,8 @@ class Objective(nn.Module):
             return self.drop_labels(labels, null_label)
         return labels
 
-    def draw(self, x0: Tensor, labels: Optional[Tensor], t: Optional[Tensor], noise: Optional[Tensor],
-             null_label: Optional[int]) -> tuple[Optional[Tensor], Tensor, Tensor]:
+    def loss_inputs(self, x0: Tensor, labels: Optional[Tensor], t: Optional[Tensor], noise: Optional[Tensor],
+                    null_label: Optional[int]) -> tuple[Optional[Tensor], Tensor, Tensor]:
         """A loss's training labels (some dropped), and its timesteps and noise where not given."""
         labels = self.training_labels(labels, null_label)
         t = self.sample_timesteps(x0.shape[0], x0.device) if t is None else t
@@ -157,7 +157,7 @@ class Objective(nn.Module):
         """Per-image weighted MSE between the network's output and its target (L_simple for ``eps``), and the
         timesteps it was taken at. ``t`` and ``noise`` are drawn when not given. With ``null_label`` (training
         a class-conditional net) a share ``label_dropout`` of the labels is dropped first."""
-        labels, t, noise = self.draw(x0, labels, t, noise, null_label)
+        labels, t, noise = self.loss_inputs(x0, labels, t, noise, null_label)
         x_t = self.schedule.q_sample(x0, t, noise)
         pred = net(x_t, t, labels)
         target = self.schedule.target(self.prediction, x0.float(), t, noise.float())
@@ -291,7 +291,7 @@ class EDMObjective(Objective):
         """Per-image EDM loss lambda(sigma) ||D - x_0||^2 (as the MSE of F against its effective target) and the
         timesteps it was taken at, rounded to the schedule's (for the per-timestep diagnostics). ``t`` (integer
         or fractional) and ``noise`` are drawn when not given."""
-        labels, t, noise = self.draw(x0, labels, t, noise, null_label)
+        labels, t, noise = self.loss_inputs(x0, labels, t, noise, null_label)
         sigma = self._sigma(t, x0.ndim)
         c_skip, c_out, c_in = self.preconditioning(sigma)
         x = x0.float() + sigma * noise.float()
