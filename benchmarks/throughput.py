@@ -344,7 +344,7 @@ def _train_figures(name: str, r: dict, steps: int, flops: dict) -> dict[str, Any
 
 # --- sampling -------------------------------------------------------------------------------------------
 def bench_sample(pristine, specs, flops, args, device, precision, base) -> list[dict[str, Any]]:
-    """Each sampler at one batch through the samplers with ``module.denoiser()`` (what ``module.sample`` runs),
+    """Each sampler at one batch through the samplers with ``module.noise_predictor()`` (what ``module.sample`` runs),
     after one 3-step DDIM warm-up at the same batch (compilation, CUDA graph capture, autotuning)."""
     import torch
 
@@ -361,7 +361,7 @@ def bench_sample(pristine, specs, flops, args, device, precision, base) -> list[
     records, warmed = [], set()
     for spec in specs:
         w = float(module.sampling.guidance if spec.guidance is None else spec.guidance)
-        denoiser = module.denoiser(labels, spec.guidance)
+        denoiser = module.noise_predictor(labels, spec.guidance)
         calls = 0
 
         def counted(x, t, _denoiser=denoiser):

@@ -105,7 +105,7 @@ class ConsistencyTuning(EDMObjective):
         null_label: Optional[int] = None,
     ) -> tuple[Tensor, Tensor]:
         """Per-image ECT loss at this stage and the timesteps of sigma_t (rounded, for the diagnostics)."""
-        labels, t, noise = self.draw(x0, labels, t, noise, null_label)
+        labels, t, noise = self.loss_inputs(x0, labels, t, noise, null_label)
         x0, noise = x0.float(), noise.float()
         sigma_t = self._sigma(t, x0.ndim)
         sigma_r = self.smaller_sigma(sigma_t)

@@ -1,7 +1,7 @@
 """LightningModule: thin glue between Lightning and four named parts.
 
-- ``net`` (``diffusion.unet``): the noise predictor, which knows nothing of diffusion;
-- ``objective`` (``diffusion.objective``): the schedule, the target, the loss weighting, the denoiser for samplers;
+- ``net`` (``diffusion.unet``): the network, which knows nothing of diffusion;
+- ``objective`` (``diffusion.objective``): the schedule, the target, the loss weighting, the samplers' noise predictor;
 - ``optim`` (``diffusion.optim``): AdamW, warm-up, decay, scaling and their resume;
 - ``sampling`` (``diffusion.samplers.SamplingDefaults``) and ``speed`` (``diffusion.speed``).
 
@@ -39,7 +39,7 @@ WEIGHT_GROUPS = ("net", "objective")
 MACHINE_GROUPS = ("speed",)
 
 
-def _group(value: Any, cls: type) -> Any:
+def _as_group(value: Any, cls: type) -> Any:
     # From Python a group is given as an object; from a checkpoint's saved config it may be a plain dict.
     return cls(**value) if isinstance(value, dict) else value if value is not None else cls()
 
@@ -59,9 +59,9 @@ class DiffusionModel(LightningModule):
         super().__init__()
         # Under LightningCLI the hparams are the parsed config, where `net` and `objective` are class_path/init_args:
         # kept, so a checkpoint alone rebuilds the model. Objects passed from Python are not hyperparameters.
-        self.optim = _group(optim, Optimization)
-        self.sampling = _group(sampling, SamplingDefaults)
-        self.speed = _group(speed, SpeedSwitches)
+        self.optim = _as_group(optim, Optimization)
+        self.sampling = _as_group(sampling, SamplingDefaults)
+        self.speed = _as_group(speed, SpeedSwitches)
         if _given_hyperparameters.get() is not None:
             self.save_hyperparameters()
         else:
@@ -79,7 +79,7 @@ class DiffusionModel(LightningModule):
             cls = type(self.objective)
             self.hparams["objective"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}",
                                          "init_args": dict(getattr(self.objective, "init_args", {}))}
-        self.fast = FastNet(self.net, self.speed)  # not a submodule: state_dict keys are the net's
+        self.fast_net = FastNet(self.net, self.speed)  # not a submodule: state_dict keys are the net's
         self._probe_pending = False
         # Steps between two reads of the loss's finiteness on the host; None: every step on a CPU (where the
         # read costs nothing), at every logging step (trainer.log_every_n_steps) elsewhere.
@@ -104,14 +104,14 @@ class DiffusionModel(LightningModule):
     @property
     def fallbacks(self) -> dict[str, str]:
         """Speed switches that fell back to eager execution -> the error that made them."""
-        return self.fast.fallbacks
+        return self.fast_net.fallbacks
 
     def apply_memory_format(self, device: Optional[torch.device] = None) -> None:
-        self.fast.apply_memory_format(device if device is not None else self.device)
+        self.fast_net.apply_memory_format(device if device is not None else self.device)
 
     def forward(self, x_t: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
         """The network's raw output (noise, x0 or v, per the objective's ``prediction``)."""
-        return self.fast(x_t, t, y)
+        return self.fast_net(x_t, t, y)
 
     # --- training ----------------------------------------------------------------------------------
     def batch_images_labels(self, batch) -> tuple[Tensor, Optional[Tensor]]:
@@ -126,10 +126,10 @@ class DiffusionModel(LightningModule):
     def training_loss(self, batch) -> tuple[Tensor, Tensor]:
         """Per-image training loss of a batch (label dropout on) and the timesteps it was drawn at."""
         x0, y = self.batch_images_labels(batch)
-        net, dtype = self.fast, next(self.net.parameters()).dtype
+        net, dtype = self.fast_net, next(self.net.parameters()).dtype
         if dtype != torch.float32 and torch.is_autocast_enabled(x0.device.type) is False:
             # bf16-true: the schedule's fp32 x_t into the network in its dtype, as the samplers' denoiser does.
-            net = lambda x, t, y=None: self.fast(x.to(dtype), t, y)  # noqa: E731
+            net = lambda x, t, y=None: self.fast_net(x.to(dtype), t, y)  # noqa: E731
         return self.objective.loss(net, x0, y, null_label=getattr(self.net, "null_label", None))
 
     def setup(self, stage: str) -> None:
@@ -137,7 +137,7 @@ class DiffusionModel(LightningModule):
         # before the strategy wraps the module (DDP's gradient buckets follow the parameters' memory format).
         device = self.trainer.strategy.root_device
         self.apply_memory_format(device)
-        if stage == "fit" and self.fast.compile_for_training(device):
+        if stage == "fit" and self.fast_net.compile_for_training(device):
             self._probe_pending = True
         classes = getattr(getattr(self._trainer, "datamodule", None), "classes", None)
         if self.num_classes and classes and len(classes) > self.num_classes:
@@ -158,7 +158,7 @@ class DiffusionModel(LightningModule):
             with self.trainer.precision_plugin.train_step_context():
                 return self.training_loss(batch)[0].mean()
 
-        self.fast.probe(loss, [p for p in self.net.parameters() if p.requires_grad])
+        self.fast_net.probe(loss, [p for p in self.net.parameters() if p.requires_grad])
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._probe_pending:
@@ -239,11 +239,11 @@ class DiffusionModel(LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x0, y = self.batch_images_labels(batch)
-        self.log("val/loss", self.objective.loss(self.fast, x0, y)[0].mean(), prog_bar=True, sync_dist=True)
+        self.log("val/loss", self.objective.loss(self.fast_net, x0, y)[0].mean(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
         x0, y = self.batch_images_labels(batch)
-        self.log("test/loss", self.objective.loss(self.fast, x0, y)[0].mean(), sync_dist=True)
+        self.log("test/loss", self.objective.loss(self.fast_net, x0, y)[0].mean(), sync_dist=True)
 
     def configure_optimizers(self):
         # _trainer, not trainer (which raises when none is attached): the optimizer can be built without one.
@@ -343,7 +343,7 @@ class DiffusionModel(LightningModule):
             x_T = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
         device = self.device  # where the weights are (the EMA copy's too): the noise, timesteps and labels go there
         x_T = x_T.to(device)
-        denoiser = self.denoiser(self.sample_labels(x_T.shape[0], labels), guidance)
+        denoiser = self.noise_predictor(self.sample_labels(x_T.shape[0], labels), guidance)
         was_training = self.training
         self.eval()
         try:
@@ -388,12 +388,12 @@ class DiffusionModel(LightningModule):
             )
         return labels.to(self.device)
 
-    def denoiser(self, labels: Optional[Tensor] = None, guidance: Optional[float] = None):
-        """``denoiser(x_t, t) -> eps`` for the samplers, with classifier-free guidance (see ``Objective.denoiser``),
+    def noise_predictor(self, labels: Optional[Tensor] = None, guidance: Optional[float] = None):
+        """``(x_t, t) -> eps`` for the samplers, with classifier-free guidance (see ``Objective.noise_predictor``),
         through the network in its dtype (outside autocast: bf16-true) and speed switches."""
         w = check("guidance", self.sampling.guidance if guidance is None else guidance)
         dtype = next(self.net.parameters()).dtype
-        return self.objective.denoiser(self.fast.for_sampling(self.device), labels, w, getattr(self.net, "null_label", None), dtype)
+        return self.objective.noise_predictor(self.fast_net.for_sampling(self.device), labels, w, getattr(self.net, "null_label", None), dtype)
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
         """One image per index in the batch (see ``DiffusionDataModule.predict_dataloader``), seeded by the

@@ -119,8 +119,8 @@ class Objective(nn.Module):
             return self.drop_labels(labels, null_label)
         return labels
 
-    def draw(self, x0: Tensor, labels: Optional[Tensor], t: Optional[Tensor], noise: Optional[Tensor],
-             null_label: Optional[int]) -> tuple[Optional[Tensor], Tensor, Tensor]:
+    def loss_inputs(self, x0: Tensor, labels: Optional[Tensor], t: Optional[Tensor], noise: Optional[Tensor],
+                    null_label: Optional[int]) -> tuple[Optional[Tensor], Tensor, Tensor]:
         """A loss's training labels (some dropped), and its timesteps and noise where not given."""
         labels = self.training_labels(labels, null_label)
         t = self.sample_timesteps(x0.shape[0], x0.device) if t is None else t
@@ -157,7 +157,7 @@ class Objective(nn.Module):
         """Per-image weighted MSE between the network's output and its target (L_simple for ``eps``), and the
         timesteps it was taken at. ``t`` and ``noise`` are drawn when not given. With ``null_label`` (training
         a class-conditional net) a share ``label_dropout`` of the labels is dropped first."""
-        labels, t, noise = self.draw(x0, labels, t, noise, null_label)
+        labels, t, noise = self.loss_inputs(x0, labels, t, noise, null_label)
         x_t = self.schedule.q_sample(x0, t, noise)
         pred = net(x_t, t, labels)
         target = self.schedule.target(self.prediction, x0.float(), t, noise.float())
@@ -167,7 +167,7 @@ class Objective(nn.Module):
         return per_image * self.loss_weights(t), t
 
     # --- sampling -----------------------------------------------------------------------------------
-    def denoiser(
+    def noise_predictor(
         self,
         net: NetCall,
         labels: Optional[Tensor] = None,
@@ -175,10 +175,11 @@ class Objective(nn.Module):
         null_label: Optional[int] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> Callable[[Tensor, Tensor], Tensor]:
-        """``denoiser(x_t, t) -> eps`` for the samplers: the network's output converted to noise, and with labels
-        and ``guidance`` w, classifier-free guidance (1 + w) out_c - w out_u, the conditional and unconditional
-        halves as one batch. Guidance is linear in the output and each parameterisation affine in it, so guiding
-        the raw output equals guiding the noise. ``dtype``: what the network's input is cast to (bf16-true)."""
+        """``(x_t, t) -> eps`` for the samplers (their ``denoiser`` argument): the network's output converted to
+        noise, and with labels and ``guidance`` w, classifier-free guidance (1 + w) out_c - w out_u, the conditional
+        and unconditional halves as one batch. Guidance is linear in the output and each parameterisation affine in
+        it, so guiding the raw output equals guiding the noise. ``dtype``: what the network's input is cast to
+        (bf16-true). Not called a denoiser: in k-diffusion and EDM that returns x0 (``EDMObjective.denoised``)."""
         w = float(guidance)
         if w and labels is None:
             raise ConfigError(f"Guidance scale {w} needs a class-conditional model and class labels.")
@@ -290,7 +291,7 @@ class EDMObjective(Objective):
         """Per-image EDM loss lambda(sigma) ||D - x_0||^2 (as the MSE of F against its effective target) and the
         timesteps it was taken at, rounded to the schedule's (for the per-timestep diagnostics). ``t`` (integer
         or fractional) and ``noise`` are drawn when not given."""
-        labels, t, noise = self.draw(x0, labels, t, noise, null_label)
+        labels, t, noise = self.loss_inputs(x0, labels, t, noise, null_label)
         sigma = self._sigma(t, x0.ndim)
         c_skip, c_out, c_in = self.preconditioning(sigma)
         x = x0.float() + sigma * noise.float()
@@ -370,7 +371,7 @@ class ProgressiveDistillation(Objective):
         self.student_steps = teacher_steps // 2
         # A function of the batch's labels returning the teacher's noise predictor; not a module (its weights
         # are not the model's: they live in the glue's state, and a student checkpoint holds the student only).
-        self._teacher_denoiser: Optional[Callable[[Optional[Tensor]], Denoiser]] = None
+        self._teacher_noise_predictor: Optional[Callable[[Optional[Tensor]], Denoiser]] = None
         self._grids: dict[torch.device, Tensor] = {}  # this round's grid per device: built once, not every step
 
     @property
@@ -404,11 +405,12 @@ class ProgressiveDistillation(Objective):
         return p.denoised(x_t, t, out) if isinstance(p, EDMObjective) else self.schedule.x0_from_output(
             self.prediction, x_t, t, out)
 
-    def begin_round(self, teacher_denoiser: Optional[Callable[[Optional[Tensor]], Denoiser]], round: int) -> None:
-        """Train the student of ``round`` against ``teacher_denoiser(labels) -> denoiser(x_t, t) -> eps``."""
+    def begin_round(self, teacher_noise_predictor: Optional[Callable[[Optional[Tensor]], Denoiser]],
+                    round: int) -> None:
+        """Train the student of ``round`` against ``teacher_noise_predictor(labels) -> (x_t, t) -> eps``."""
         if not 0 <= round < self.rounds:
             raise ConfigError(f"round {round} is outside the {self.rounds} rounds of this distillation.")
-        self._teacher_denoiser = teacher_denoiser
+        self._teacher_noise_predictor = teacher_noise_predictor
         self.student_steps = self.student_steps_of(round)
         self._grids.clear()  # the new round's step count changes the grid
 
@@ -439,7 +441,7 @@ class ProgressiveDistillation(Objective):
     @torch.no_grad()
     def teacher_target(self, z_t: Tensor, t: Tensor, t_mid: Tensor, t_next: Tensor, labels: Optional[Tensor]) -> Tensor:
         """The teacher's two DDIM steps t -> t_mid -> t_next from z_t, as the student's x0 target."""
-        eps_fn = self._teacher_denoiser(labels)
+        eps_fn = self._teacher_noise_predictor(labels)
         x0, eps = predict_x0(eps_fn, self.schedule, z_t, t, self.clip_x0)
         z_mid = self._ddim_to(x0, eps, t_mid)
         x0, eps = predict_x0(eps_fn, self.schedule, z_mid, t_mid, self.clip_x0)
@@ -456,7 +458,7 @@ class ProgressiveDistillation(Objective):
     ) -> tuple[Tensor, Tensor]:
         """Per-image distillation loss and its timesteps. ``t``, when given, is moved to the nearest timestep of
         the student's grid (the steps it will be sampled at)."""
-        if self._teacher_denoiser is None:
+        if self._teacher_noise_predictor is None:
             if self.training:
                 raise ConfigError(
                     "ProgressiveDistillation has no teacher: train it with `python -m diffusion fit` (whose "

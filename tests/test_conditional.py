@@ -50,14 +50,14 @@ def test_guidance_zero_is_the_conditional_model_and_w_mixes_cond_and_uncond(pred
     with torch.no_grad():
         cond = model.schedule.eps_from_output(prediction, x, t, model.net(x, t, labels))
         uncond = model.schedule.eps_from_output(prediction, x, t, model.net(x, t))
-        assert torch.allclose(model.denoiser(labels, 0.0)(x, t), cond, atol=1e-5)
+        assert torch.allclose(model.noise_predictor(labels, 0.0)(x, t), cond, atol=1e-5)
         assert not torch.allclose(cond, uncond, atol=1e-3)  # the labels do change the prediction
         for w in (1.0, 2.0, 4.0):
             # Ho & Salimans 2022: (1 + w) eps_c - w eps_u, from one batched forward pass.
             expected = (1 + w) * cond - w * uncond
             # x0 -> eps divides by sqrt(1/alpha_bar - 1) (~0.01 at t=1), which magnifies float32 rounding.
             scale = expected.abs().amax(dim=(1, 2, 3), keepdim=True)
-            assert ((model.denoiser(labels, w)(x, t) - expected).abs() <= 1e-5 * scale).all()
+            assert ((model.noise_predictor(labels, w)(x, t) - expected).abs() <= 1e-5 * scale).all()
 
 
 def test_label_dropout_uses_the_null_label_at_the_asked_rate():

@@ -337,11 +337,11 @@ def test_an_edm_teacher_is_read_through_its_own_preconditioning(teacher, tmp_pat
     loaded = DistillationRounds().load_first_teacher(student, student.objective)
     assert isinstance(loaded.objective, EDMObjective) and loaded.objective.sigma_data == 0.9
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([10, 90])
-    expected = EDMObjective(num_timesteps=100, sigma_data=0.9).denoiser(loaded.net)(x, t)
-    assert torch.allclose(loaded.objective.denoiser(loaded.net)(x, t), expected)
+    expected = EDMObjective(num_timesteps=100, sigma_data=0.9).noise_predictor(loaded.net)(x, t)
+    assert torch.allclose(loaded.objective.noise_predictor(loaded.net)(x, t), expected)
     # The student reads the same weights the same way, so it starts as its teacher (EDM's F is about -v: read as a
     # v-predictor, the weights would start with their sign wrong).
-    assert torch.allclose(student.objective.denoiser(loaded.net)(x, t), expected)
+    assert torch.allclose(student.objective.noise_predictor(loaded.net)(x, t), expected)
     for wrong in ({"prediction": "v"}, {"prediction": "edm", "sigma_data": 0.5}):
         other = DiffusionModel(net=UNet(**net), objective=ProgressiveDistillation(teacher=str(path), num_timesteps=100,
                                                                                  **wrong))

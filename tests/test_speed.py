@@ -94,11 +94,11 @@ def test_compiled_sampling_gives_the_same_images(eager_compile):
     g = torch.Generator().manual_seed(1)
     x, t, labels = torch.randn(3, 1, 28, 28, generator=g), torch.tensor([999, 500, 3]), torch.tensor([1, 2, 3])
     with torch.no_grad():
-        plain, compiled = model.denoiser(labels, 1.5)(x, t), fast.denoiser(labels, 1.5)(x, t)
+        plain, compiled = model.noise_predictor(labels, 1.5)(x, t), fast.noise_predictor(labels, 1.5)(x, t)
     assert plain.abs().mean() > 0.01  # not the zero output of a fresh U-Net: the network's output counts
     assert (compiled - plain).norm() <= 1e-5 * plain.norm(), (compiled - plain).abs().max()
     # The compiled copy is kept outside the module tree: the state dict's keys are the plain model's.
-    assert fast.fast.sampling_net is not None and all(m is not fast.fast.sampling_net for m in fast.modules())
+    assert fast.fast_net.sampling_net is not None and all(m is not fast.fast_net.sampling_net for m in fast.modules())
     assert list(fast.state_dict()) == list(model.state_dict())
 
 
@@ -126,10 +126,10 @@ def test_the_ema_copy_leaves_the_trainer_and_the_compiled_sampler_behind(eager_c
     import threading
 
     model = tiny(compile_sampling=True)
-    model.fast.for_sampling(torch.device("cpu"))
+    model.fast_net.for_sampling(torch.device("cpu"))
     model._trainer = type("Trainer", (), {"lock": threading.Lock()})()  # as under DDP: not copyable
     clone = copy.deepcopy(model)
-    assert clone._trainer is None and clone.fast.sampling_net is None
-    assert model._trainer is not None and model.fast.sampling_net is not None
-    assert clone.fast.net is clone.net and clone.net is not model.net  # the copy calls its own network
+    assert clone._trainer is None and clone.fast_net.sampling_net is None
+    assert model._trainer is not None and model.fast_net.sampling_net is not None
+    assert clone.fast_net.net is clone.net and clone.net is not model.net  # the copy calls its own network
     assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(model.parameters(), clone.parameters()))

@@ -234,7 +234,7 @@ class DistillationRounds(Callback):
         self._teacher, self.round = teacher, round
         null_label = getattr(teacher.net, "null_label", None)
         # The teacher's eager network (no sampling-time compilation or CUDA graphs inside a training step).
-        objective.begin_round(lambda labels: teacher.objective.denoiser(teacher.net, labels, 0.0, null_label), round)
+        objective.begin_round(lambda labels: teacher.objective.noise_predictor(teacher.net, labels, 0.0, null_label), round)
         # What `sample --ckpt_path` of this round's checkpoints uses without flags.
         pl_module.sampling = dataclasses.replace(pl_module.sampling, sampler="ddim", steps=objective.student_steps, eta=0.0)
 

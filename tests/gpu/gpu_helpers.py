@@ -104,7 +104,7 @@ class RecordSwitches(Callback):
         # The evaluation samples through whichever module holds the EMA weights when it runs (pl_module while they
         # are swapped in, else the EMA callback's average): either's compiled sampling net counts.
         modules = [pl_module, *(cb.average_model for cb in trainer.callbacks if isinstance(cb, EMA) and cb.average_model)]
-        compiled = any(m.fast.sampling_net is not None for m in modules)
+        compiled = any(m.fast_net.sampling_net is not None for m in modules)
         self.record["sampling_compiled"] = self.record.get("sampling_compiled", False) or compiled
 
     def on_train_end(self, trainer, pl_module) -> None:  # after the last validation (ValidateAtLastStep)
