@@ -34,7 +34,7 @@ from diffusion.lock import lock_run, release_run
 from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, refuse_old_layout
 from diffusion.dashboard import run_name
 from diffusion.report import is_wandb
-from diffusion.objective import SCHEDULE_ARGS, edm_preconditioned
+from diffusion import teacher as teacher_checkpoint
 from diffusion.errors import CheckpointError, ConfigError, EvaluationStopped, find_user_error
 from diffusion.progress import close_open_bars, progress_bars
 from diffusion.runs import (
@@ -355,24 +355,18 @@ class DiffusionCLI(LightningCLI):
         path = objective.init_args.get("teacher")
         if not path or not Path(path).is_file():
             return
-        hparams = read_checkpoint(path, mmap=True).get("hyper_parameters", {})  # DistillationRounds reads the weights
+        # The one reading of the teacher: the callbacks take the same record (teacher.read reads a file once).
+        net, inherited = teacher_checkpoint.read(path).student_overrides(distilling=kind == "ProgressiveDistillation")
         changed = []
-        net = hparams.get("net")
-        if isinstance(net, dict) and net.get("class_path"):
+        if net is not None:
             # Image size and channels are linked from the data, as for any run.
-            init = {k: v for k, v in (net.get("init_args") or {}).items() if k not in ("in_channels", "image_size")}
+            init = net["init_args"]
             ours = config.model.init_args.get("net")
             ours_init = ours.get("init_args") if isinstance(ours, Namespace) else None
             if not isinstance(ours, Namespace) or ours.get("class_path") != net["class_path"] \
                     or not isinstance(ours_init, Namespace) or any(ours_init.get(k) != v for k, v in init.items()):
                 config.model.init_args.net = Namespace(class_path=net["class_path"], init_args=Namespace(**init))
                 changed.append("net")
-        theirs = (hparams.get("objective") or {}).get("init_args") or {}
-        # A student of an EDM teacher keeps its preconditioning (sigma_data), a distilled one its parameterization.
-        edm = edm_preconditioned(hparams.get("objective") or {})
-        inherited = {k: theirs[k] for k in (*SCHEDULE_ARGS, *(("sigma_data",) if edm else ())) if k in theirs}
-        if kind == "ProgressiveDistillation" and edm:
-            inherited["prediction"] = "edm"
         for key, value in inherited.items():
             if objective.init_args.get(key) != value:
                 objective.init_args[key] = value

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from diffusion.errors import ConfigError
-from diffusion.objective import EDMObjective, NetCall
+from diffusion.objective import SIGMA_DATA, EDMObjective, NetCall
 
 
 class ConsistencyTuning(EDMObjective):
@@ -57,7 +57,7 @@ class ConsistencyTuning(EDMObjective):
         num_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
-        sigma_data: float = 0.5,
+        sigma_data: float = SIGMA_DATA,
         p_mean: float = -1.1,
         p_std: float = 2.0,
         label_dropout: float = 0.1,

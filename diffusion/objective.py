@@ -23,6 +23,8 @@ from diffusion.schedule import NoiseSchedule, check_prediction
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 # The arguments that make the schedule, with their defaults: a distillation's must be its teacher's.
 SCHEDULE_ARGS = {"schedule": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+# EDM's sigma_data default (the scale of CIFAR-10 in [-1, 1]): the one place it is written.
+SIGMA_DATA = 0.5
 # The arguments of an EDMObjective: what a teacher's checkpoint records of it.
 EDM_ARGS = (*SCHEDULE_ARGS, "sigma_data", "p_mean", "p_std", "label_dropout")
 # net(x_t, t, labels or None) -> raw output of x_t's shape
@@ -236,7 +238,7 @@ class EDMObjective(Objective):
         num_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
-        sigma_data: float = 0.5,
+        sigma_data: float = SIGMA_DATA,
         p_mean: float = -1.2,
         p_std: float = 1.2,
         label_dropout: float = 0.1,
@@ -345,7 +347,7 @@ class ProgressiveDistillation(Objective):
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         prediction: str = "v",
-        sigma_data: float = 0.5,
+        sigma_data: float = SIGMA_DATA,
         label_dropout: float = 0.1,
     ) -> None:
         edm = prediction == "edm"  # not a target the schedule knows: the parameterization below reads it

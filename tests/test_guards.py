@@ -186,7 +186,7 @@ def test_a_resumed_distillation_takes_its_moved_teacher_and_refuses_another(tmp_
 
 def test_a_resumed_consistency_tuning_checks_a_teacher_it_is_given(tmp_path):
     from diffusion.callbacks.consistency import ConsistencyTuningRun
-    from diffusion.callbacks.distill import teacher_fingerprint
+    from diffusion.teacher import fingerprint as teacher_fingerprint
 
     teacher = teacher_file(tmp_path / "teacher.ckpt")
     fingerprint = {"started": True, "teacher_fingerprint": teacher_fingerprint(torch.load(teacher, weights_only=False))}

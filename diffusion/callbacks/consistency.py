@@ -12,13 +12,10 @@ from typing import Any, Optional
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from diffusion.callbacks.distill import (
-    DistillationRounds, check_teacher_fingerprint, load_teacher_weights, read_teacher, teacher_fingerprint,
-)
+from diffusion import teacher as teacher_checkpoint
 from diffusion.consistency import ConsistencyTuning
 from diffusion.ema import EMA
 from diffusion.errors import ConfigError
-from diffusion.objective import EDM_ARGS, EDMObjective
 
 
 class ConsistencyTuningRun(Callback):
@@ -69,23 +66,27 @@ class ConsistencyTuningRun(Callback):
             # Resumed: the weights are the checkpoint's. A teacher that is still (or again) at its path is checked,
             # so that new checkpoints do not record another teacher's path; a gone one is not needed.
             if self._fingerprint is not None and Path(path).is_file():
-                check_teacher_fingerprint(path, read_teacher(path, objective.init_args, pl_module)[0], self._fingerprint)
+                source = teacher_checkpoint.read(path)
+                source.check_student(objective.init_args, getattr(pl_module, "net", None))
+                source.check_fingerprint(self._fingerprint)
             return
-        checkpoint, class_path, init = read_teacher(path, objective.init_args, pl_module)
-        self._fingerprint = teacher_fingerprint(checkpoint)
+        source = teacher_checkpoint.read(path)
+        source.check_student(objective.init_args, getattr(pl_module, "net", None))
+        self._fingerprint = source.fingerprint
+        class_path = source.objective_class
         if not class_path.endswith("EDMObjective"):
             raise ConfigError(
                 f"The teacher {path} was trained with {class_path.rsplit('.', 1)[-1] or 'no known objective'}; consistency "
                 "tuning needs EDM's preconditioning (its boundary condition at sigma -> 0): tune a model trained with "
                 "diffusion.EDMObjective (configs/mnist_cpu.yaml), or distil this one with configs/mnist_cpu_distill.yaml."
             )
-        if float(init.get("sigma_data", 0.5)) != objective.sigma_data:
+        if source.sigma_data != objective.sigma_data:
+            sigma_data = source.objective_args.get("sigma_data")
             raise ConfigError(
-                f"The teacher {path} has sigma_data {init.get('sigma_data')}, the student {objective.sigma_data}: set "
-                f"--model.init_args.objective.init_args.sigma_data {init.get('sigma_data')} (its preconditioning)."
+                f"The teacher {path} has sigma_data {sigma_data}, the student {objective.sigma_data}: set "
+                f"--model.init_args.objective.init_args.sigma_data {sigma_data} (its preconditioning)."
             )
-        teacher = DistillationRounds.make_teacher(pl_module, EDMObjective(**{k: v for k, v in init.items() if k in EDM_ARGS}))
-        load_teacher_weights(teacher, checkpoint, path)
+        teacher = source.frozen(pl_module, source.edm_objective())
         state = teacher.net.state_dict()
         pl_module.net.load_state_dict(state)
         ema = self.ema

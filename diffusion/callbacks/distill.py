@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from diffusion import evaluation as ev
 from diffusion import fid_stats
@@ -22,103 +21,12 @@ from diffusion.callbacks.common import (
 )
 from diffusion.callbacks.fid import FIDEvaluation
 from diffusion.ema import EMA
-from diffusion.errors import CheckpointError, ConfigError
-from diffusion.objective import (
-    EDM_ARGS, SCHEDULE_ARGS, EDMObjective, Objective, ProgressiveDistillation, edm_preconditioned,
-)
+from diffusion.errors import ConfigError
+from diffusion.objective import Objective, ProgressiveDistillation
 from diffusion.progress import progress_bars
 from diffusion.report import log_image, log_line_chart
-from diffusion.runs import read_checkpoint, state_dict_mismatch
-
-
-def read_teacher(path: str, student_args: dict, pl_module: LightningModule) -> tuple[dict, str, dict]:
-    """A teacher checkpoint's contents, its objective's class path and arguments, after the checks that a student
-    of ``pl_module`` (whose objective has ``student_args``) can learn from it; each failure is one line with the fix."""
-    checkpoint = read_checkpoint(path)
-    hparams = checkpoint.get("hyper_parameters")
-    recorded = hparams.get("objective") if isinstance(hparams, dict) else None
-    if not isinstance(recorded, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(
-            f"The teacher {path} is not a diffusion model of this project (its checkpoint records no objective): pass "
-            "a checkpoint written by `python -m diffusion fit`, e.g. runs/mnist_cpu/<run id>/checkpoints/last.ckpt."
-        )
-    init = dict(recorded.get("init_args") or {})
-    for key, default in SCHEDULE_ARGS.items():
-        theirs, ours = init.get(key, default), student_args.get(key, default)
-        if theirs != ours:
-            raise ConfigError(
-                f"The teacher {path} was trained with {key}={theirs!r}, the student's objective has "
-                f"{ours!r}: set --model.init_args.objective.init_args.{key} {theirs}."
-            )
-    net = (hparams.get("net") or {}).get("init_args") or {}
-    student = getattr(pl_module, "net", None)
-    size, ours = net.get("image_size"), getattr(student, "image_size", None)
-    if size is not None and ours is not None and size != ours:
-        raise ConfigError(
-            f"The teacher {path} was trained on {size}x{size} images, the student's data are {ours}x{ours}: train "
-            "the student on the teacher's data set (--data.init_args.dataset, --data.init_args.image_size)."
-        )
-    classes, ours = int(net.get("num_classes") or 0), int(getattr(student, "num_classes", 0) or 0)
-    if classes != ours:
-        def kind(n: int) -> str:
-            return f"class-conditional ({n} classes)" if n else "unconditional"
-
-        raise ConfigError(
-            f"The teacher {path} is {kind(classes)}, the student's net is {kind(ours)}: set "
-            f"--model.init_args.net.init_args.num_classes {classes} (a student learns the teacher's own model)."
-        )
-    return checkpoint, str(recorded.get("class_path", "")), init
-
-
-TEACHER_FLAG = "--model.init_args.objective.init_args.teacher"
-
-
-def teacher_fingerprint(checkpoint: dict) -> str:
-    """A hash of a teacher checkpoint's weights (its ``state_dict``: keys, dtypes, shapes and bytes), kept in the
-    student's checkpoints in place of trusting the path: a resumed student may find its teacher moved (the same
-    weights) or overwritten (another teacher). Hashing the ~1 MB of the CPU recipe's weights takes milliseconds."""
-    digest = hashlib.sha256()
-    for key in sorted(checkpoint["state_dict"]):
-        value = checkpoint["state_dict"][key]
-        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
-        # As bytes (uint8), which numpy takes for any dtype, bf16 included.
-        digest.update(value.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def check_teacher_fingerprint(path: str, checkpoint: dict, saved: Optional[str]) -> str:
-    """The fingerprint of the teacher at ``path``, after checking it against the one a resumed student's checkpoint
-    kept (``saved``; None in checkpoints written before fingerprints: the path is then taken on trust, with a
-    warning): another teacher is refused in one line."""
-    fingerprint = teacher_fingerprint(checkpoint)
-    if saved is None:
-        rank_zero_warn(f"The checkpoint being resumed keeps no fingerprint of its teacher (it predates them): {path} "
-                       "is taken to be the teacher it started from.", category=UserWarning)
-    elif fingerprint != saved:
-        raise ConfigError(
-            f"The teacher {path} is not the teacher this run started from (weights' fingerprint {fingerprint}, the "
-            f"checkpoint's {saved}): pass the original teacher's checkpoint with {TEACHER_FLAG}, or start a new run "
-            "without --ckpt_path."
-        )
-    return fingerprint
-
-
-def resumed_teacher_missing(path: str) -> CheckpointError:
-    return CheckpointError(
-        f"The teacher {path} of the run being resumed is not there: pass where it is now with {TEACHER_FLAG} NEW_PATH "
-        "(it is checked to be the same weights)."
-    )
-
-
-def load_teacher_weights(module: LightningModule, checkpoint: dict, path: str) -> None:
-    """The checkpoint's weights (its EMA weights, where it has them) into ``module``, or one line on a mismatch."""
-    details = state_dict_mismatch(module.state_dict(), checkpoint["state_dict"])
-    if details:
-        raise CheckpointError(
-            f"The teacher {path} has another network than this config's `net` ({details}): copy the `net:` group "
-            "of the teacher's config.yaml (in its run folder) into the student's config."
-        )
-    module.load_state_dict(checkpoint["state_dict"])
+from diffusion import teacher as teacher_checkpoint
+from diffusion.teacher import resumed_teacher_missing
 
 
 class DistillationRounds(Callback):
@@ -195,7 +103,8 @@ class DistillationRounds(Callback):
     # --- teachers ------------------------------------------------------------------------------------------
     @staticmethod
     def make_teacher(pl_module: LightningModule, teacher_objective: Objective) -> LightningModule:
-        """A frozen model of the student's class and network, sampled through ``teacher_objective``."""
+        """A frozen model of the student's class and network (a round's student, as the next round's teacher),
+        sampled through ``teacher_objective``."""
         teacher = type(pl_module)(net=copy.deepcopy(pl_module.net), objective=teacher_objective,
                                   sampling=pl_module.sampling, speed=pl_module.speed)
         return teacher.to(pl_module.device).eval().requires_grad_(False)
@@ -206,27 +115,26 @@ class DistillationRounds(Callback):
         checked to be the teacher that run started from (by fingerprint, so a moved teacher is found at a new path)."""
         if resumed is not None and not Path(objective.teacher).is_file():
             raise resumed_teacher_missing(objective.teacher)
-        checkpoint, class_path, init = read_teacher(objective.teacher, objective.init_args, pl_module)
-        saved = resumed.get("teacher_fingerprint") if resumed is not None else None
-        self._fingerprint = (check_teacher_fingerprint(objective.teacher, checkpoint, saved) if resumed is not None
-                             else teacher_fingerprint(checkpoint))
-        edm = edm_preconditioned({"class_path": class_path, "init_args": init})
-        if edm != (objective.prediction == "edm") or (edm and init.get("sigma_data", 0.5) != objective.init_args["sigma_data"]):
+        source = teacher_checkpoint.read(objective.teacher)
+        source.check_student(objective.init_args, getattr(pl_module, "net", None))
+        self._fingerprint = (source.check_fingerprint(resumed.get("teacher_fingerprint")) if resumed is not None
+                             else source.fingerprint)
+        class_path, edm = source.objective_class, source.edm
+        if edm != (objective.prediction == "edm") or (edm and source.sigma_data != objective.init_args["sigma_data"]):
             # The student starts as its teacher: it must read the same weights the same way (EDM's F is about -v,
             # so an EDM network read as a v-predictor starts with its sign wrong).
-            fix = (f"prediction edm and sigma_data {init.get('sigma_data', 0.5)}, the teacher's preconditioning" if edm
+            fix = (f"prediction edm and sigma_data {source.sigma_data}, the teacher's preconditioning" if edm
                    else "prediction v (the paper's)")
             raise ConfigError(
                 f"The teacher {objective.teacher} was trained with {class_path.rsplit('.', 1)[-1]}, the student predicts "
                 f"{objective.prediction!r}: set the objective's {fix} (`fit` does so when it reads the teacher)."
             )
         if edm:
-            teacher_objective = EDMObjective(**{k: v for k, v in init.items() if k in EDM_ARGS})
+            teacher_objective = source.edm_objective()
         else:
             default = "v" if class_path.endswith("ProgressiveDistillation") else "eps"
-            teacher_objective = objective.plain_objective(init.get("prediction") or default)
-        teacher = self.make_teacher(pl_module, teacher_objective)
-        load_teacher_weights(teacher, checkpoint, objective.teacher)
+            teacher_objective = objective.plain_objective(source.objective_args.get("prediction") or default)
+        teacher = source.frozen(pl_module, teacher_objective)
         return teacher
 
     def begin(self, pl_module: LightningModule, objective: ProgressiveDistillation, teacher: LightningModule,
