@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch.callbacks import Timer
 from torch import nn
 
 from diffusion.errors import ConfigError
@@ -107,6 +106,10 @@ class Optimization:
         total = trainer.estimated_stepping_batches
         if math.isfinite(total):
             return total
+        # Imported here: callbacks/common.py holds the queries about the running Trainer's callbacks, and the
+        # callbacks package imports the model, which imports this module.
+        from diffusion.callbacks.common import time_limit
+
         if time_limit(trainer) is not None:
             return None
         raise ConfigError(
@@ -155,12 +158,6 @@ class Optimization:
             group.update(lr=lr * factor, weight_decay=weight_decay, betas=tuple(self.betas))
             if ours:
                 group["initial_lr"] = lr
-
-
-def time_limit(trainer: Any) -> Optional[Timer]:
-    """The Timer that enforces ``trainer.max_time`` (Lightning keeps no ``max_time`` attribute), None without one."""
-    return next((c for c in getattr(trainer, "callbacks", ()) if isinstance(c, Timer) and c.time_remaining() is not None),
-                None)
 
 
 def lr_schedule(trainer: Any) -> Optional[LRSchedule]:

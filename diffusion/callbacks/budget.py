@@ -14,7 +14,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from diffusion import ranks
 from diffusion.callbacks.common import log_metrics
 from diffusion.errors import ConfigError
-from diffusion.optim import lr_schedule, time_limit
+from diffusion.callbacks.common import time_limit
+from diffusion.optim import lr_schedule
 
 
 class TrainingBudget(Callback):

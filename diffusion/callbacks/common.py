@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image, ImageDraw
 from torch import Tensor
@@ -20,15 +20,22 @@ from diffusion.report import log_step, to_pil
 DEFAULT_SAMPLERS = ("ddpm1000", "ddim10", "ddim25", "ddim50")
 
 
-# The second of the two modules that look into trainer.callbacks (the first is the CLI's wiring): these two ask
-# every evaluation's state-of-the-moment questions (is the EMA copy swapped in, has a signal asked for a stop) for
-# any Trainer, also one built in Python without the wiring, where a missed EMA would score the raw weights silently.
+# The second of the two modules that look into trainer.callbacks (the first is the CLI's wiring): the queries below
+# (is the EMA copy swapped in, has a signal asked for a stop, is there a max_time) are asked of the running Trainer
+# at the moment they matter, for any Trainer, also one built in Python without the wiring, where a missed EMA would
+# score the raw weights silently and a missed max_time would refuse a time-budgeted schedule.
 def sampling_module(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
     """The module holding the EMA weights right now."""
     for cb in trainer.callbacks:
         if isinstance(cb, EMA):
             return cb.ema_holder(pl_module)
     return pl_module
+
+
+def time_limit(trainer: Any) -> Optional[Timer]:
+    """The Timer that enforces ``trainer.max_time`` (Lightning keeps no ``max_time`` attribute), None without one."""
+    return next((c for c in getattr(trainer, "callbacks", ()) if isinstance(c, Timer) and c.time_remaining() is not None),
+                None)
 
 
 def run_dir(trainer: Trainer) -> Path:
