@@ -100,9 +100,9 @@ def peak_memory(device) -> dict[str, Any]:
 
 # --- FID weights ------------------------------------------------------------------------------------------
 def resolve_fid_weights(fid, explicit: Optional[str], device_type: str) -> tuple[Optional[str], Optional[str]]:
-    """(description of the features, reason to skip) for a ``FIDEvaluation`` callback. Sets its weights path
+    """(description of the features, reason to skip) for a ``Evaluation`` callback. Sets its weights path
     when it comes from ``explicit`` (--fid_weights)."""
-    from diffusion.fid_stats import WEIGHTS_ENV
+    from diffusion.fid_score import WEIGHTS_ENV
 
     if fid.feature_extractor is not None:
         return f"custom: {type(fid.feature_extractor).__qualname__}", None

@@ -168,7 +168,7 @@ def plan(args, overrides: list[str]) -> list[Job]:
     if "throughput" in args.steps:
         bench = ["python", "benchmarks/throughput.py", "--config", args.config, "--json"]
         # The final 10,000-sample test alone would take minutes: the epoch-end evaluation is the figure.
-        jobs.append(Job("throughput", AS_CONFIGURED, [*bench, *weights, "--", *overrides, "--fid.test_num_samples", "0"],
+        jobs.append(Job("throughput", AS_CONFIGURED, [*bench, *weights, "--", *overrides, "--evaluation.test_num_samples", "0"],
                         args.timeout["throughput"]))
         for name in args.switch_names:
             jobs.append(Job("throughput", f"{name} off", [*bench, "--only", "train,sample", "--samplers", "ddim50", "--",

@@ -45,8 +45,8 @@ DEFAULT_SAMPLERS = "ddpm1000,ddim10,ddim25,ddim50,dpmpp2m10,dpmpp2m20"
 TABLE_IMAGES = 16  # each sampler's image in the W&B table, as the dashboard's default
 # --quick: the small U-Net of QUICK_OVERRIDES (20 timesteps), a few steps, a few images: seconds on a CPU.
 QUICK = {"steps": 3, "num_samples": 16, "num_real": 32, "samplers": "ddpm20,ddim5,ddim10,dpmpp2m5", "grid": 16}
-QUICK_FIT = ["--fid.samplers", "[ddim5]", "--fid.test_samplers", "[ddim5]", "--sample_grids.samplers", "[ddim5]",
-             "--sample_grids.num_images", "2", "--diagnostics.grad_every_n_steps", "0", "--trainer.limit_val_batches", "2"]
+QUICK_FIT = ["--evaluation.samplers", "[ddim5]", "--evaluation.test_samplers", "[ddim5]", "--evaluation.grid_samplers", "[ddim5]",
+             "--evaluation.grid_images", "2", "--diagnostics.grad_every_n_steps", "0", "--trainer.limit_val_batches", "2"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +150,7 @@ def train(args, overrides: list[str], out: Path) -> tuple[Any, dict[str, Any]]:
     steps = ["--trainer.max_steps", str(args.train_steps)] if args.train_steps else []
     cli_args = ["fit", "--config", args.config, "--trainer.max_time", max_time(args.minutes), *steps,
                 "--trainer.default_root_dir", str(out / "run"),
-                "--fid.every_n_epochs", "0", *(QUICK_OVERRIDES + QUICK_FIT if args.quick else []),
+                "--evaluation.every_n_epochs", "0", *(QUICK_OVERRIDES + QUICK_FIT if args.quick else []),
                 *(["--trainer.logger", "false"] if args.no_wandb else []), *overrides]
     start = time.perf_counter()
     cli = diffusion_cli(cli_args, run=True)
@@ -190,8 +190,9 @@ def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None,
     """FID of each sampler and of the held-out floor through ``FIDScorer`` (what the FID callback runs), with the
     config's FID settings (features, weights, cache, batch) and ``--seed``; one record each, per ``--ema_length``
     (rebuilt from ``checkpoint``) where given. ``scored``: filled with each record key's ``FIDRecord``, its first images kept for the W&B table."""
-    from diffusion import evaluation as ev
-    from diffusion.callbacks import FIDEvaluation
+    from diffusion import fid_score
+    from diffusion.samplers import parse_samplers
+    from diffusion.callbacks import Evaluation
     from diffusion.generate import save_grid
     from diffusion.progress import progress_bars
 
@@ -199,16 +200,16 @@ def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None,
     device = trainer.strategy.root_device
     model.to(device).eval()
     model.apply_memory_format(device)
-    fid = next((c for c in trainer.callbacks if isinstance(c, FIDEvaluation)), None) or FIDEvaluation()
+    fid = next((c for c in trainer.callbacks if isinstance(c, Evaluation)), None) or Evaluation()
     features, reason = resolve_fid_weights(fid, args.fid_weights, device.type)
     if reason:
         from diffusion.errors import ConfigError
 
         raise ConfigError(f"Cannot score: {reason}.")
-    specs = ev.parse_samplers(args.sampler_list, model.schedule.num_timesteps)
+    specs = parse_samplers(args.sampler_list, model.schedule.num_timesteps)
     dm.setup("fit")
     bars = progress_bars(enabled=trainer.progress_bar_callback is not None)
-    scorer = ev.FIDScorer(fid.feature_extractor, fid.weights_path, Path(args.fid_cache) if args.fid_cache else fid.cache_dir,
+    scorer = fid_score.FIDScorer(fid.feature_extractor, fid.weights_path, Path(args.fid_cache) if args.fid_cache else fid.cache_dir,
                           args.sample_batch_size or fid.batch_size, args.seed)
     start = time.perf_counter()
     scorer.prepare(dm, device, args.num_real or None, progress=bars)

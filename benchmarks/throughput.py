@@ -444,20 +444,20 @@ def _mark_class():
 def bench_eval(cli, pristine, fid, quick_specs, args, device, precision, base, workdir) -> dict[str, Any]:
     from lightning.pytorch import Trainer
 
-    from diffusion import evaluation as ev
+    from diffusion.samplers import parse_samplers
 
     record: dict[str, Any] = {"kind": "eval", **base}
     if fid is None:
-        return {**record, "skipped": True, "reason": "the config has no FIDEvaluation callback"}
+        return {**record, "skipped": True, "reason": "the config has no Evaluation callback"}
     features, reason = resolve_fid_weights(fid, args.fid_weights, args.device)
     if reason:
         print(f"eval skipped: {reason}", file=sys.stderr)
         return {**record, "skipped": True, "reason": reason}
     T = pristine.schedule.num_timesteps
     if args.eval_samplers:
-        fid.specs = fid.test_specs = fid.final_specs = ev.parse_samplers(args.eval_samplers.split(","), T)
+        fid.specs = fid.test_specs = fid.final_specs = fid.grid_specs = parse_samplers(args.eval_samplers.split(","), T)
     elif args.quick:
-        fid.specs = fid.test_specs = fid.final_specs = quick_specs[:2]
+        fid.specs = fid.test_specs = fid.final_specs = fid.grid_specs = quick_specs[:2]
     # Sizes: as asked (--eval_*), else --quick's, else the callback's own (with its caps on a CPU); then used as is.
     options = {"num_samples": "eval_samples", "test_num_samples": "eval_test_samples", "num_real": "eval_real"}
     sizes = {}
@@ -468,12 +468,13 @@ def bench_eval(cli, pristine, fid, quick_specs, args, device, precision, base, w
         if value is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                value = fid.limited(name, device)
+                value = fid.cpu_capped(name, device)
         sizes[name] = value
         setattr(fid, name, value)
     fid.cpu_limits = False
     fid.cache_dir = Path(args.fid_cache) if args.fid_cache else workdir / "fid-cache"
     fid.save_samples = False
+    fid.grid_images = 0  # the FID's time, as before the grids joined the Evaluation callback
     batch = fid.batch_size
     shapes = sorted({s for n in (sizes["num_samples"], sizes["test_num_samples"]) if n
                      for s in (min(batch, n), n % batch) if s}, reverse=True)
@@ -506,7 +507,7 @@ def bench_eval(cli, pristine, fid, quick_specs, args, device, precision, base, w
             "test_peak_memory_mib": times["test_memory"]["peak_memory_mib"],
         })
     else:
-        record.update({"test_seconds": None, "test_note": "fid.test_num_samples is 0: no test evaluation"})
+        record.update({"test_seconds": None, "test_note": "evaluation.test_num_samples is 0: no test evaluation"})
     record["memory_metric"] = times["epoch_end_memory"]["memory_metric"]
     record["fallbacks"] = dict(module.fallbacks)
     del trainer, module
@@ -569,8 +570,8 @@ def readable(r: dict[str, Any]) -> str:
 def run(args, overrides: list[str], emit: Emitter) -> None:
     import torch
 
-    from diffusion import evaluation as ev
-    from diffusion.callbacks import FIDEvaluation
+    from diffusion.samplers import parse_samplers
+    from diffusion.callbacks import Evaluation
     from diffusion.ema import EMA
     from diffusion.errors import ConfigError
 
@@ -584,19 +585,19 @@ def run(args, overrides: list[str], emit: Emitter) -> None:
         model = cli.model
         pristine = copy.deepcopy(model).cpu()  # every measurement but Lightning's own starts from a fresh copy
         ema_cb = next((c for c in cli.trainer.callbacks if isinstance(c, EMA)), None)
-        fid = next((c for c in cli.trainer.callbacks if isinstance(c, FIDEvaluation)), None)
+        fid = next((c for c in cli.trainer.callbacks if isinstance(c, Evaluation)), None)
         T = model.schedule.num_timesteps
         base = {"device": device.type, "precision": precision}
         emit(env_record(cli, model, args, overrides, device, precision, base))
 
         quick = ([f"ddpm{T}"] if T <= 50 else []) + [f"ddim{s}" for s in (5, 10) if s <= T]
-        quick_specs = ev.parse_samplers(quick, T)
+        quick_specs = parse_samplers(quick, T)
         if args.samplers:
-            specs = ev.parse_samplers(args.samplers.split(","), T)
+            specs = parse_samplers(args.samplers.split(","), T)
         elif args.quick:
             specs = quick_specs
         else:
-            specs = ev.parse_samplers([s.text for s in fid.specs] if fid is not None else ["ddim50"], T)
+            specs = parse_samplers([s.text for s in fid.specs] if fid is not None else ["ddim50"], T)
         flops = None
         if "train" in args.parts or "sample" in args.parts:
             batch = max(int(cli.datamodule.batch_size), args.sample_batch_size)

@@ -1,10 +1,9 @@
 """Pixel-space diffusion models (DDPM, DDIM) with PyTorch Lightning."""
 
-from diffusion.consistency import ConsistencyTuning
 from diffusion.data import DiffusionDataModule
 from diffusion.ema import EMA
 from diffusion.module import DiffusionModel
-from diffusion.objective import EDMObjective, Objective, ProgressiveDistillation
+from diffusion.objective import ConsistencyTuning, EDMObjective, Objective, ProgressiveDistillation
 from diffusion.optim import Optimization
 from diffusion.samplers import SAMPLERS, SamplingDefaults, ddim_sample, ddpm_sample, make_timesteps
 from diffusion.schedule import NoiseSchedule

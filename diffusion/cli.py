@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from diffusion.callbacks import FIDEvaluation, SampleGrids, Throughput, TimestepDiagnostics
+from diffusion.callbacks import Evaluation, Throughput, TimestepDiagnostics
 from diffusion.callbacks.budget import TrainingBudget
 from diffusion.callbacks.consistency import ConsistencyTuningRun
 from diffusion.callbacks.dashboard import WandbDashboard
@@ -31,15 +31,15 @@ from diffusion.checks import check
 from diffusion.data import DiffusionDataModule
 from diffusion.generate import generate_images
 from diffusion.lock import lock_run, release_run
-from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel, check_checkpoint_layout, refuse_old_layout
-from diffusion.dashboard import run_name
-from diffusion.report import is_wandb
+from diffusion.checkpoints import load_weights, read_checkpoint, refuse_old_layout, unreadable_checkpoint
+from diffusion.module import MACHINE_GROUPS, WEIGHT_GROUPS, DiffusionModel
+from diffusion.report import is_wandb, run_name
 from diffusion import teacher as teacher_checkpoint
 from diffusion.errors import CheckpointError, ConfigError, EvaluationStopped, find_user_error
 from diffusion.progress import close_open_bars, progress_bars
 from diffusion.runs import (
     SaveAndLogConfig, config_name, cpu_has_native_bf16, launcher_job, left_checkpoint, new_run_id,
-    read_checkpoint, run_root, state_dict_mismatch, training_run_id, unreadable_checkpoint,
+    run_root, training_run_id,
 )
 
 OFFLINE_FLAGS = ("--trainer.logger.init_args.offline", "--trainer.logger.offline")  # see _wandb_mode
@@ -58,22 +58,6 @@ def count_integer_limits(parser: LightningArgumentParser) -> None:
             action._typehint = Optional[Union[int, float]]
 
 
-def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> dict:
-    """Load a Lightning checkpoint's ``state_dict`` (the EMA weights, where the EMA callback ran) into
-    ``model``, with errors that say what is wrong with the file."""
-    checkpoint = read_checkpoint(ckpt_path)
-    check_checkpoint_layout(checkpoint, ckpt_path)
-    state = checkpoint["state_dict"]
-    details = state_dict_mismatch(model.state_dict(), state)
-    if details:
-        raise CheckpointError(
-            f"Checkpoint {ckpt_path} was trained with a different model than the config describes ({details}). "
-            "Use the config the checkpoint was trained with (its run directory holds config.yaml)."
-        )
-    model.load_state_dict(state)
-    return checkpoint
-
-
 # Options that name a file or folder: (key, flag, what to pass). A null one that has a default when left out
 # (the data folder, the FID weights) takes that default; an empty one, or a null that jsonargparse turned into
 # the text "None" (it does so in a subclass's init_args), is a cleared option that no path follows.
@@ -84,7 +68,7 @@ PATH_OPTIONS = (
      "the checkpoint to distil, e.g. runs/mnist_cpu/<run id>/checkpoints/last.ckpt"),
     ("data.init_args.data_dir", "--data.data_dir", "the folder that holds the data set (leave the option out for "
      "$DIFFUSION_DATA_DIR, else ./data)"),
-    ("fid.weights_path", "--fid.weights_path", "a local pt_inception-2015-12-05-*.pth (leave the option out to "
+    ("evaluation.weights_path", "--evaluation.weights_path", "a local pt_inception-2015-12-05-*.pth (leave the option out to "
      "download the standard weights)"),
 )
 
@@ -253,10 +237,10 @@ class DiffusionCLI(LightningCLI):
         # Image geometry is a property of the data; the network is built to match it.
         parser.link_arguments("data.init_args.image_size", "model.init_args.net.init_args.image_size")
         parser.link_arguments("data.init_args.channels", "model.init_args.net.init_args.in_channels")
-        # Evaluation callbacks as top-level config groups (`fid:`, `sample_grids:`, ...): always present, and set
-        # from the command line as `--fid.num_samples 64`, which a list entry under trainer.callbacks cannot be.
-        parser.add_lightning_class_args(FIDEvaluation, "fid")
-        parser.add_lightning_class_args(SampleGrids, "sample_grids")
+        # The project's callbacks as top-level config groups (`evaluation:`, `diagnostics:`, ...): always present,
+        # and set from the command line as `--evaluation.num_samples 64`, which a list entry under
+        # trainer.callbacks cannot be.
+        parser.add_lightning_class_args(Evaluation, "evaluation")
         parser.add_lightning_class_args(TimestepDiagnostics, "diagnostics")
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(TrainingBudget, "budget")

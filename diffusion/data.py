@@ -19,8 +19,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from diffusion.errors import ConfigError, DataError
 
-from diffusion.datasets import (  # noqa: F401 (re-exported: the data module's public names)
-    DATASETS, IMAGE_EXTENSIONS, DATA_DIR_ENV, read_idx, load_idx_dataset, load_cifar10, image_problem, unreadable_images, find_images, _to_unit_range, convert_channels, TensorImages, resize_images, FolderImages,
+from diffusion.datasets import (
+    DATASETS, DATA_DIR_ENV, load_idx_dataset, load_cifar10, find_images, _to_unit_range, convert_channels, TensorImages, resize_images, FolderImages,
 )
 
 

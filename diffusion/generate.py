@@ -20,9 +20,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from PIL import Image
 from torchvision.utils import save_image
 
+from diffusion.checkpoints import load_weights
 from diffusion.checks import check, check_options
 from diffusion.errors import ConfigError
-from diffusion.fid_stats import to_uint8
+from diffusion.fid_score import to_uint8
 from diffusion.module import DiffusionModel
 from diffusion.progress import Factory, StepProgress, progress_bars
 from diffusion.samplers import sampler as sampler_record, slerp
@@ -132,8 +133,6 @@ def generate_images(
         precision: the forward pass's context (a Trainer's ``precision_plugin.forward_context``).
         bars: ``bar(total, desc)`` factory (default: tqdm's, on a terminal).
     """
-    # At the call: cli.py, which holds load_weights, imports this module.
-    from diffusion.cli import load_weights
 
     # Before the checkpoint is read: a NaN guidance would otherwise sample a grid of black images.
     check_options("--", num_samples=num_samples, batch_size=batch_size, seed=seed, eta=eta, guidance=guidance,

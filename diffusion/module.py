@@ -17,17 +17,15 @@ from dataclasses import asdict
 from typing import Any, Optional
 
 import torch
-from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from lightning.pytorch import LightningModule
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
-from diffusion.consistency import ConsistencyTuning
-from diffusion.errors import CheckpointError, ConfigError, TrainingDiverged
-from diffusion.fid_stats import derive_seed
-from diffusion.objective import Objective, ProgressiveDistillation
+from diffusion.errors import ConfigError, TrainingDiverged
+from diffusion.seeding import derive_seed
+from diffusion.objective import ConsistencyTuning, Objective, ProgressiveDistillation
 from diffusion.optim import Optimization
-from diffusion.runs import state_dict_mismatch
+from diffusion.checkpoints import check_state, refuse_old_layout
 from diffusion.checks import check, check_options
 from diffusion.samplers import SamplingDefaults, sampler as sampler_record
 from diffusion.speed import FastNet, SpeedSwitches
@@ -288,12 +286,9 @@ class DiffusionModel(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Called before Lightning loads the weights: fail with a message rather than a wall of size mismatches.
-        details = state_dict_mismatch(self.state_dict(), checkpoint.get("state_dict", {}))
-        if details:
-            raise CheckpointError(
-                f"The checkpoint was written for a different model than this config builds ({details}): resume "
-                "with the config it was trained with (config.yaml in its run directory), or start a new run."
-            )
+        check_state(self.state_dict(), checkpoint.get("state_dict", {}),
+                    "The checkpoint was written for a different model than this config builds",
+                    ": resume with the config it was trained with (config.yaml in its run directory), or start a new run.")
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
@@ -402,28 +397,3 @@ class DiffusionModel(LightningModule):
         indices = batch[0] if isinstance(batch, (list, tuple)) else batch
         labels = indices.cpu() % self.num_classes if self.num_classes else None
         return self.sample(indices.shape[0], seed=int(indices[0]), labels=labels)
-
-
-def refuse_old_layout(path: Any) -> None:
-    """``check_checkpoint_layout`` of a file; an unreadable file is left to the caller's own message. Memory-mapped
-    where the file allows it, so that the look costs a read of its hparams, not of its weights."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
-        try:
-            checkpoint = load_checkpoint_file(path, map_location="cpu", weights_only=False)
-        except Exception:
-            return
-    check_checkpoint_layout(checkpoint, path)
-
-
-def check_checkpoint_layout(checkpoint: Any, path: Any) -> None:
-    """Refuse, in one line, a checkpoint written before the model's arguments were grouped (diffusion 0.1: flat
-    ``lr``, ``schedule``, ``sample_steps``...): its weights would fit, but its saved config no longer parses."""
-    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-    if isinstance(hparams, dict) and "objective" not in hparams and any(k in hparams for k in ("lr", "schedule", "prediction")):
-        raise CheckpointError(
-            f"{path} was written by diffusion 0.1, whose model arguments were flat (lr, schedule, sample_steps, ...); "
-            "this version groups them (objective, optim, sampling, speed) and cannot read it: sample it with "
-            "diffusion 0.1, or train a new model."
-        )

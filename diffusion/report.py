@@ -2,8 +2,8 @@
 
 Metrics, images and line charts straight to the loggers (W&B, TensorBoard; CSV takes the scalars), at the step
 Lightning logs at; the W&B run's metric definitions, the evaluation table and its FID-by-step chart, the test
-table, checkpoints as artifacts, and where a run is when it ends. The callbacks and ``benchmarks/quality.py``
-log through it; it imports nothing from ``diffusion.callbacks``, so no import circle runs through it.
+table, checkpoints as artifacts, where a run is when it ends; the run's name and tags; the console lines and
+table of an evaluation. The callbacks and ``benchmarks/quality.py`` log through it; it imports nothing from ``diffusion.callbacks``, so no import circle runs through it.
 """
 
 from __future__ import annotations
@@ -21,9 +21,44 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 from torch import Tensor
 
-from diffusion.dashboard import CHART_KEY, COLUMNS, IMAGES_SEEN, TABLE_KEY
-from diffusion.evaluation import FIDRecord
+from diffusion.fid_score import FIDRecord
 from diffusion.samplers import network_calls
+
+# --- what a W&B dashboard compares runs by: the run's name and tags, the keys and columns of the evaluation table
+# (``benchmarks/quality.py`` adds its rows under the same key) --------------------------------------------
+TABLE_KEY = "evaluation/table"
+CHART_KEY = "evaluation/fid_by_step"
+IMAGES_SEEN = "images_seen"
+COLUMNS = ["training_run", "stage", "epoch", "step", IMAGES_SEEN, "sampler", "steps", "network_calls", "guidance",
+           "ema_length", "fid", "floor", "seconds", "samples"]
+
+
+def run_name(recipe: Optional[str], run_id: str) -> str:
+    """``<recipe>-<run id>``: the runs of one recipe tell apart in a legend, and each names its folder."""
+    return f"{recipe}-{run_id}" if recipe else run_id
+
+
+def run_tags(trainer, pl_module) -> list[str]:
+    """What a run is, as W&B tags to filter by, read from the running objects (resolved: ``devices: auto`` on
+    4 GPUs is ``devices:4``)."""
+    objective = getattr(pl_module, "objective", None)
+    # A few-step student of a teacher, whichever way (``ConsistencyTuning`` is one too).
+    distills = type(objective).__name__ in ("ProgressiveDistillation", "ConsistencyTuning")
+    dataset = getattr(getattr(trainer, "datamodule", None), "dataset", None)
+    accelerator = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+    tags = [
+        f"dataset:{dataset}" if isinstance(dataset, str) else None,
+        None if objective is None else f"objective:{type(objective).__name__}",
+        None if objective is None else f"prediction:{getattr(objective, 'prediction', None)}",
+        "conditional" if getattr(pl_module, "num_classes", 0) else "unconditional",
+        "distillation" if distills else None,
+        f"precision:{trainer.precision}",
+        f"accelerator:{accelerator}",
+        f"devices:{trainer.num_devices * trainer.num_nodes}",
+    ]
+    return [t[:64] for t in tags if t]  # W&B refuses tags over 64 characters
+
+
 
 
 # --- the step and the x-axis ---------------------------------------------------------------------------
@@ -220,3 +255,68 @@ def sync_hint(run) -> str:
         folder = folder.resolve()
     return (f"W&B run {run.name} ({run.id}), offline, in {folder}: upload it with "
             f"`wandb sync {folder / ('offline-run-*-' + run.id)}`")
+
+
+# --- an evaluation's records: metrics, charts, console lines, the test table ------------------------------
+def record_line(r: FIDRecord) -> str:
+    """The console line of one sampler scored."""
+    return f"FID {r.spec.key}: {r.fid:.2f} ({r.num_samples} samples, {r.seconds:.1f} s sampling)"
+
+
+def floor_line(floor: float, num: int) -> str:
+    return f"FID floor: {floor:.2f} ({num} held-out images against the same statistics)"
+
+
+def log_records(pl_module, records: Iterable[FIDRecord], prefix: str = "", seconds: bool = True,
+                throughput: bool = False) -> None:
+    """``<prefix>fid/<key>`` (and its sampling seconds, images per second) through the module's ``log``: the same
+    value on every rank, which the mean of ``sync_dist`` keeps."""
+    for r in records:
+        pl_module.log(f"{prefix}fid/{r.key}", r.fid, sync_dist=True)
+        if seconds:
+            pl_module.log(f"{prefix}fid_seconds/{r.key}", r.seconds, sync_dist=True)
+        if throughput:
+            pl_module.log(f"{prefix}images_per_second/{r.key}", r.images_per_second, sync_dist=True)
+
+
+def log_fid_charts(trainer: Trainer, records: Iterable[FIDRecord]) -> None:
+    """FID against sampling steps, one line per sampler (and guidance scale); FID against the guidance scale
+    where a sampler is scored at several."""
+    records = list(records)
+    families: dict[str, tuple[list, list]] = {}
+    for r in sorted(records, key=lambda r: r.spec.steps):
+        name = r.spec.name if r.spec.guidance is None else f"{r.spec.name} w={r.spec.guidance:g}"
+        xs, ys = families.setdefault(name, ([], []))
+        xs.append(r.spec.steps)
+        ys.append(r.fid)
+    log_line_chart(trainer, "fid/vs_steps", "FID against sampling steps", "steps", families)
+    sweeps: dict[str, tuple[list, list]] = {}
+    for r in sorted(records, key=lambda r: r.spec.guidance or 0.0):
+        if r.spec.guidance is not None:
+            xs, ys = sweeps.setdefault(f"{r.spec.name}{r.spec.steps}", ([], []))
+            xs.append(r.spec.guidance)
+            ys.append(r.fid)
+    if any(len(xs) > 1 for xs, _ in sweeps.values()):
+        log_line_chart(trainer, "fid/vs_guidance", "FID against the guidance scale w", "w", sweeps)
+
+
+def test_table(trainer: Trainer, records: Sequence[FIDRecord], num_samples: int, floor: Optional[float],
+               num_floor: Optional[int]) -> None:
+    """The answer `test` was run for: the FID table on stdout, next to Lightning's table of metrics, and to W&B."""
+    rows = [[r.spec.name, r.spec.steps, r.spec.guidance, r.fid, r.seconds, r.images_per_second] for r in records]
+    if floor is not None:
+        rows.append([f"held-out data ({num_floor} images): the floor", None, None, floor, None, None])
+    columns = ["sampler", "steps", "guidance", "FID", "seconds", "images/s"]
+    if all(r.spec.guidance is None for r in records):  # an unconditional model: no guidance column
+        columns, rows = columns[:2] + columns[3:], [row[:2] + row[3:] for row in rows]
+    if trainer.is_global_zero:
+        print(format_table(columns, rows, f"FID of {num_samples} samples against the training set"), flush=True)
+        log_table(trainer, "test/fid_table", columns, rows)
+
+
+def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned, floats to two decimals."""
+    cells = [["-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+    return "\n".join([title, line(list(columns)), line(["-" * w for w in widths]), *map(line, cells)])

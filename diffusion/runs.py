@@ -16,14 +16,13 @@ import secrets
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 
 from diffusion.ema import EMA
+from diffusion.checkpoints import read_checkpoint
 from diffusion.errors import CheckpointError
 
 RUN_ID_ENV = "DIFFUSION_RUN_ID"
@@ -200,45 +199,3 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return True
     return flags is None or bool({"avx512_bf16", "amx_bf16"} & set(flags))
-
-
-def unreadable_checkpoint(path, error: Exception) -> CheckpointError:
-    return CheckpointError(
-        f"Cannot read checkpoint {path} ({type(error).__name__}: {error}). It is truncated or not a Lightning "
-        "checkpoint: use another one, e.g. last.ckpt or a periodic one from the same run."
-    )
-
-
-def read_checkpoint(ckpt_path: str | Path, mmap: bool = False) -> dict:
-    """A Lightning checkpoint's contents, on the CPU, with errors that say what is wrong with the file. ``mmap``:
-    memory-mapped where the file allows it, for a caller that only reads the hyperparameters (the weights are then
-    read from disk only if touched)."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint not found: {path}. Pass the path of a .ckpt file written by `fit`.")
-    checkpoint = None
-    if mmap:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except Exception:
-            pass  # an older serialization format: read it whole below
-    if checkpoint is None:
-        try:
-            checkpoint = load_checkpoint_file(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # torch.load raises many types for a truncated or foreign file
-            raise unreadable_checkpoint(path, e) from e
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'.")
-    return checkpoint
-
-
-def state_dict_mismatch(own: dict, state: dict) -> str:
-    """How a checkpoint's state dict differs from a model's ('' when it fits)."""
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
-    return "; ".join(
-        f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-        if items
-    )

@@ -18,6 +18,7 @@ The arithmetic stays fp32 whatever precision the denoiser runs in.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -423,6 +424,66 @@ def sampler_timesteps(schedule: NoiseSchedule, name: str, steps: int) -> Tensor:
 
 def network_calls(name: str, steps: int) -> int:
     return sampler(name).network_calls(steps)
+
+
+# --- sampler specifications: a sampler, its steps and a guidance scale, parsed once from a config's text --
+_SPEC = re.compile(r"^(?P<name>.*?[a-z])[-_]?(?P<steps>\d+)(?:@w(?P<guidance>\d+(?:\.\d*)?|\.\d+))?$")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler, its number of steps and optionally a guidance scale, written ``ddim10``, ``ddpm1000`` or
+    ``dpmpp2m20@w2`` (w = 2) in configs; metric names use ``key`` (``ddim10``, ``dpmpp2m20_w2``)."""
+
+    name: str
+    steps: int
+    guidance: Optional[float] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "SamplerSpec":
+        match = _SPEC.match(str(text).strip().lower())
+        if match is None or match["name"] not in SAMPLERS:
+            raise ConfigError(
+                f"Bad sampler {text!r}: write a sampler name and its steps, e.g. 'ddim25' or 'ddpm1000', and for a "
+                f"class-conditional model optionally a guidance scale, e.g. 'ddim25@w2' (samplers: {', '.join(SAMPLERS)})."
+            )
+        steps = check("steps", int(match["steps"]), f"Bad sampler {text!r}: its steps")
+        guidance = match["guidance"]
+        guidance = check("guidance", float(guidance), f"Bad sampler {text!r}: its guidance") if guidance else None
+        return cls(match["name"], steps, guidance)
+
+    @property
+    def sampler(self):
+        """The registry's record of this spec's sampler."""
+        return sampler(self.name)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}{self.steps}" + ("" if self.guidance is None else f"_w{self.guidance:g}")
+
+    @property
+    def text(self) -> str:
+        return f"{self.name}{self.steps}" + ("" if self.guidance is None else f"@w{self.guidance:g}")
+
+
+def parse_samplers(specs: Sequence[str], num_timesteps: Optional[int] = None) -> list[SamplerSpec]:
+    """Each text parsed once into its ``SamplerSpec``; none twice; with ``num_timesteps``, each checked to fit."""
+    parsed = [SamplerSpec.parse(s) for s in specs]
+    if len({p.key for p in parsed}) != len(parsed):
+        raise ConfigError(f"Samplers listed twice in {list(specs)}.")
+    if num_timesteps is not None:
+        check_fits(parsed, num_timesteps)
+    return parsed
+
+
+def check_fits(specs: Iterable[SamplerSpec], num_timesteps: int) -> None:
+    """Each spec fits a model of ``num_timesteps`` (known once the model is): ddpm takes all, others at most T."""
+    for p in specs:
+        if p.steps > num_timesteps or (p.sampler.all_timesteps and p.steps != num_timesteps):
+            raise ConfigError(
+                f"Sampler {p.key} does not fit the model's {num_timesteps} timesteps: ddpm takes all of them "
+                f"(ddpm{num_timesteps}), others at most {num_timesteps}."
+            )
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from torch import nn
 
 from diffusion.errors import CheckpointError, ConfigError
 from diffusion.objective import EDM_ARGS, SCHEDULE_ARGS, SIGMA_DATA, EDMObjective, Objective, edm_preconditioned
-from diffusion.runs import read_checkpoint, state_dict_mismatch
+from diffusion.checkpoints import load_state, read_checkpoint
 
 TEACHER_FLAG = "--model.init_args.objective.init_args.teacher"
 
@@ -163,13 +163,9 @@ class Teacher:
     # --- the frozen teacher --------------------------------------------------------------------------
     def load_into(self, module: nn.Module) -> None:
         """The checkpoint's weights (its EMA weights, where it has them) into ``module``, or one line on a mismatch."""
-        details = state_dict_mismatch(module.state_dict(), self.checkpoint["state_dict"])
-        if details:
-            raise CheckpointError(
-                f"The teacher {self.path} has another network than this config's `net` ({details}): copy the `net:` "
-                "group of the teacher's config.yaml (in its run folder) into the student's config."
-            )
-        module.load_state_dict(self.checkpoint["state_dict"])
+        load_state(module, self.checkpoint["state_dict"], f"The teacher {self.path} has another network than this "
+                   "config's `net`", ": copy the `net:` group of the teacher's config.yaml (in its run folder) into the "
+                   "student's config.")
 
     def frozen(self, student: Any, objective: Objective) -> Any:
         """A frozen model of the student's class and network with this teacher's weights, sampled through

@@ -49,7 +49,7 @@ def toy_images(n: int, size: int = 8, seed: int = 0):
     """``n`` random uint8 grey images as a data set of (image in [-1, 1], label 0)."""
     import torch
 
-    from diffusion.data import TensorImages
+    from diffusion.datasets import TensorImages
 
     g = torch.Generator().manual_seed(seed)
     return TensorImages(torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g), torch.zeros(n, dtype=torch.long))
@@ -76,7 +76,8 @@ def ddp_score(rank: int, world: int, init_file: str, cache_dir: str, out_dir: st
     import torch
     import torch.distributed as dist
 
-    from diffusion import evaluation as ev
+    from diffusion import fid_score
+    from diffusion.samplers import SamplerSpec
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -84,8 +85,8 @@ def ddp_score(rank: int, world: int, init_file: str, cache_dir: str, out_dir: st
         data = ToyReferenceData(toy_images(64), toy_images(40, seed=1))
         runs = []
         for _ in ("miss", "hit"):
-            scorer = ev.FIDScorer(TinyFeatures(), cache_dir=cache_dir, batch_size=4, seed=3).prepare(data, "cpu")
-            result = scorer.score(SlowNoiseModel(0.5 if rank == 1 else 0.0), ev.SamplerSpec("ddim", 5), 10, keep=None)
+            scorer = fid_score.FIDScorer(TinyFeatures(), cache_dir=cache_dir, batch_size=4, seed=3).prepare(data, "cpu")
+            result = scorer.score(SlowNoiseModel(0.5 if rank == 1 else 0.0), SamplerSpec("ddim", 5), 10, keep=None)
             runs.append({"result": result, "floor": scorer.floor(data, 32), "real": scorer.real})
         torch.save(runs, f"{out_dir}/rank{rank}.pt")
     finally:

@@ -43,7 +43,7 @@ def quick_run(tmp_path_factory):
         pytest.skip("MNIST not found: set DIFFUSION_DATA_DIR or put the files under ../shared/data/MNIST/raw")
     out = tmp_path_factory.mktemp("bench") / "bench.jsonl"
     proc = bench("--config", CONFIGS / "mnist.yaml", "--device", "cpu", "--quick", "--json", "--threads", 1,
-                 "--out", out, "--", "--data.init_args.data_dir", data, "--fid.feature_extractor", "fid_helpers.TinyFeatures")
+                 "--out", out, "--", "--data.init_args.data_dir", data, "--evaluation.feature_extractor", "fid_helpers.TinyFeatures")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     lines = proc.stdout.strip().splitlines()
     return [json.loads(line) for line in lines], lines, out  # every line of stdout is a JSON object
@@ -126,7 +126,7 @@ def quality(*args, timeout=300) -> subprocess.CompletedProcess:
 def quality_run(tmp_path_factory, mnist_dir):
     out = tmp_path_factory.mktemp("quality")
     proc = quality("--config", CONFIGS / "mnist_cpu.yaml", "--quick", "--json", "--out", out, "--fid_cache", out / "cache",
-                   "--", "--data.init_args.data_dir", mnist_dir, "--fid.feature_extractor", "fid_helpers.TinyFeatures")
+                   "--", "--data.init_args.data_dir", mnist_dir, "--evaluation.feature_extractor", "fid_helpers.TinyFeatures")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return [json.loads(line) for line in proc.stdout.strip().splitlines()], out
 
@@ -163,7 +163,7 @@ def test_quality_rescoring_the_checkpoint_gives_the_same_figures(quality_run, mn
     records, out = quality_run
     proc = quality("--config", CONFIGS / "mnist_cpu.yaml", "--quick", "--json", "--ckpt", out / "model.ckpt", "--out",
                    tmp_path, "--fid_cache", out / "cache", "--samplers", "ddim5,ddpm20", "--", "--data.init_args.data_dir",
-                   mnist_dir, "--fid.feature_extractor", "fid_helpers.TinyFeatures")
+                   mnist_dir, "--evaluation.feature_extractor", "fid_helpers.TinyFeatures")
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert again[1]["skipped"] and again[1]["steps"] == 3 and again[2]["cache_hit"]
@@ -203,7 +203,7 @@ def post_hoc_run(tmp_path_factory, mnist_dir):
     (out / "mnist_cpu.yaml").write_text(yaml.safe_dump(config))
     proc = quality("--config", out / "mnist_cpu.yaml", "--quick", "--json", "--out", out, "--fid_cache", out / "cache",
                    "--samplers", "ddim5", "--ema_length", "0.05,0.1", "--", "--data.init_args.data_dir", mnist_dir,
-                   "--fid.feature_extractor", "fid_helpers.TinyFeatures")
+                   "--evaluation.feature_extractor", "fid_helpers.TinyFeatures")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return [json.loads(line) for line in proc.stdout.strip().splitlines()], out
 
@@ -229,7 +229,7 @@ def test_ema_sweep_quick_scores_the_rebuildable_lengths_and_draws_them(post_hoc_
     ckpt = post_hoc_run[1] / "model.ckpt"
     proc = ema_sweep("--ckpt", ckpt, "--quick", "--json", "--out", tmp_path, "--fid_cache", post_hoc_run[1] / "cache",
                      "--ema_lengths", "0.01,0.05,0.07,0.1", "--", "--data.init_args.data_dir", mnist_dir,
-                     "--fid.feature_extractor", "fid_helpers.TinyFeatures")
+                     "--evaluation.feature_extractor", "fid_helpers.TinyFeatures")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     records = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert [r["ema_length"] for r in records if r["kind"] == "skipped"] == [0.01]  # far shorter than both profiles

@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import CONFIGS, ROOT
 from conftest import run_cli as cli
-from diffusion.cli import DiffusionCLI, SaveAndLogConfig, command_line_model_keys, load_weights
+from diffusion.checkpoints import load_weights
+from diffusion.cli import DiffusionCLI, SaveAndLogConfig, command_line_model_keys
 from diffusion.errors import CheckpointError, ConfigError
 from diffusion.generate import check_output_path, save_grid
 from diffusion.module import DiffusionModel
@@ -25,11 +26,11 @@ from wandb_offline import read_run, read_runs, table_rows
 TINY = str(CONFIGS / "tiny.yaml")
 
 
-TINY_FID = ["--fid.feature_extractor", "fid_helpers.TinyFeatures"]  # FID without Inception's CPU cost
+TINY_FID = ["--evaluation.feature_extractor", "fid_helpers.TinyFeatures"]  # FID without Inception's CPU cost
 # The fitted model has T = 100, so that DDPM (all T steps), in the evaluation, the grids, `sample` and `test`, costs
 # a tenth of the default's: the pipeline is the same at any T.
-T100 = ["--model.init_args.objective.init_args.num_timesteps", 100, "--fid.samplers", "[ddpm100,ddim10,ddim25,ddim50]",
-        "--sample_grids.samplers", "[ddpm100,ddim10,ddim25,ddim50]"]
+T100 = ["--model.init_args.objective.init_args.num_timesteps", 100, "--evaluation.samplers", "[ddpm100,ddim10,ddim25,ddim50]",
+        "--evaluation.grid_samplers", "[ddpm100,ddim10,ddim25,ddim50]"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def wandb_data(tmp_path_factory):
 def fitted(tmp_path_factory, mnist_dir, wandb_data):
     root = tmp_path_factory.mktemp("run")
     proc = cli("fit", "--config", TINY, "--data.data_dir", mnist_dir, "--trainer.max_steps", 20, "--trainer.log_every_n_steps", 5,
-               "--trainer.default_root_dir", root, *TINY_FID, *T100, "--fid.num_samples", 16, "--fid.floor", "true",
+               "--trainer.default_root_dir", root, *TINY_FID, *T100, "--evaluation.num_samples", 16, "--evaluation.floor", "true",
                "--diagnostics.grad_every_n_steps", 10, env=wandb_data)
     (root / "output.txt").write_text(proc.stdout + proc.stderr)  # what a user saw
     return root
@@ -72,8 +73,8 @@ def test_fit_logs_the_whole_config_grouped_by_recipe(fitted):
     run = read_run(fitted)
     config = run["config"]
     # The whole parsed config, command line included, beside the model's and the data's hyperparameters.
-    assert config["fid"]["samplers"] == ["ddpm100", "ddim10", "ddim25", "ddim50"] and config["fid"]["num_samples"] == 16
-    assert config["fid"]["feature_extractor"]["class_path"] == "fid_helpers.TinyFeatures"
+    assert config["evaluation"]["samplers"] == ["ddpm100", "ddim10", "ddim25", "ddim50"] and config["evaluation"]["num_samples"] == 16
+    assert config["evaluation"]["feature_extractor"]["class_path"] == "fid_helpers.TinyFeatures"
     assert config["trainer"]["precision"] == "32-true" and config["trainer"]["max_steps"] == 20
     # Callbacks keyed by class name, so that W&B can filter on their arguments (it cannot inside lists).
     assert config["trainer"]["callbacks"]["EMA"]["init_args"]["decay"] == 0.99
@@ -103,7 +104,7 @@ def test_whole_config_reaches_csv_and_tensorboard_loggers(tmp_path, monkeypatch)
         hparams = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
         assert hparams["trainer"]["callbacks"]["EMA"]["init_args"]["decay"] == 0.99
         assert hparams["trainer"]["logger"]["TensorBoardLogger"]["init_args"]["save_dir"] == str(tmp_path / "tb")
-        assert hparams["fid"]["num_real"] == 256 and hparams["run/config_name"] == "loggers"
+        assert hparams["evaluation"]["num_real"] == 256 and hparams["run/config_name"] == "loggers"
         assert hparams["run/ema_decay"] == 0.99 and hparams["run/precision"] == "32-true"
     # TensorBoard's HParams tab (the first set a run logs): the config, the summary and the model's own.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -113,7 +114,7 @@ def test_whole_config_reaches_csv_and_tensorboard_loggers(tmp_path, monkeypatch)
     events.Reload()
     session = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
     logged = set(session.session_start_info.hparams)
-    assert {"fid/num_real", "trainer/callbacks/EMA/init_args/decay", "run/ema_decay", "optim/lr"} <= logged
+    assert {"evaluation/num_real", "trainer/callbacks/EMA/init_args/decay", "run/ema_decay", "optim/lr"} <= logged
 
 
 def test_fit_logs_fid_per_sampler_timestep_diagnostics_and_sample_grids(fitted):
@@ -142,7 +143,7 @@ def test_fit_logs_fid_per_sampler_timestep_diagnostics_and_sample_grids(fitted):
     # Inception (or any feature extractor) stays out of the checkpoint.
     ckpt = torch.load(last_ckpt(fitted), map_location="cpu", weights_only=False)
     assert not any("inception" in k or "features" in k for k in ckpt["state_dict"])
-    assert all(not v for k, v in ckpt["callbacks"].items() if "FIDEvaluation" in k)
+    assert all(not v for k, v in ckpt["callbacks"].items() if "Evaluation" in k)
 
 
 def test_fit_tags_the_run_and_puts_losses_and_fids_on_an_images_seen_axis(fitted):
@@ -209,8 +210,8 @@ def resumed(fitted, tmp_path_factory, mnist_dir, wandb_data):
     shutil.copytree(fitted, root, dirs_exist_ok=True)
     proc = cli("fit", "--config", TINY, "--data.data_dir", mnist_dir, "--ckpt_path", last_ckpt(root), "--trainer.max_steps", 30,
                "--trainer.log_every_n_steps", 5, "--trainer.default_root_dir", root, *TINY_FID, *T100,
-               "--fid.num_samples", 16, "--fid.floor", "true", "--diagnostics.grad_every_n_steps", 0,
-               "--sample_grids.every_n_epochs", 0, "--dashboard.log_checkpoints", "true",
+               "--evaluation.num_samples", 16, "--evaluation.floor", "true", "--diagnostics.grad_every_n_steps", 0,
+               "--evaluation.grid_images", 0, "--dashboard.log_checkpoints", "true",
                "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor", env=wandb_data)
     return root, proc.stdout + proc.stderr
 
@@ -255,7 +256,7 @@ def test_sample_with_ddpm_and_the_test_subcommand(fitted, mnist_dir, tmp_path, c
     cli_ok("sample", "--config", TINY, "--ckpt_path", ckpt, "--num_samples", 4, "--sampler", "ddpm", "--out", tmp_path / "d.png")
     assert (tmp_path / "d.png").is_file()
     out = cli("test", "--config", TINY, "--data.data_dir", mnist_dir, "--ckpt_path", ckpt, "--trainer.limit_test_batches", 2,
-              "--trainer.default_root_dir", tmp_path, *TINY_FID, *T100[2:], "--fid.test_num_samples", 24, env=wandb_data)
+              "--trainer.default_root_dir", tmp_path, *TINY_FID, *T100[2:], "--evaluation.test_num_samples", 24, env=wandb_data)
     assert "test/loss" in out.stdout
     table = out.stdout[out.stdout.index("FID of 24 samples"):].splitlines()
     assert [line.split()[:2] for line in table[3:7]] == [["ddpm", "100"], ["ddim", "10"], ["ddim", "25"], ["ddim", "50"]]

@@ -19,8 +19,8 @@ SPECS = "[ddim10@w0, ddim10@w2, dpmpp2m10@w0, dpmpp2m10@w2]"
 def fitted_cfg(tmp_path_factory, mnist_dir):
     root = tmp_path_factory.mktemp("cfg")
     cli("fit", "--config", TINY, "--data.data_dir", mnist_dir, "--trainer.max_steps", 10, "--trainer.default_root_dir", root,
-        *CONDITIONAL, *TINY_FID, "--fid.num_samples", 10, "--fid.samplers", SPECS, "--sample_grids.samplers", SPECS,
-        "--sample_grids.num_images", 3, "--diagnostics.grad_every_n_steps", 0)
+        *CONDITIONAL, *TINY_FID, "--evaluation.num_samples", 10, "--evaluation.samplers", SPECS, "--evaluation.grid_samplers", SPECS,
+        "--evaluation.grid_images", 3, "--diagnostics.grad_every_n_steps", 0)
     return root
 
 

@@ -14,7 +14,7 @@ import yaml
 from conftest import CONFIGS, main_in_process
 from diffusion import runs
 from diffusion.cli import DiffusionCLI
-from diffusion.evaluation import parse_samplers
+from diffusion.samplers import parse_samplers
 from diffusion.samplers import network_calls
 from wandb_offline import read_runs
 
@@ -82,8 +82,8 @@ def test_a_torchrun_job_writes_where_its_id_says(bare_env, tmp_path, monkeypatch
 def fit(patch, root, steps, *extra):
     return main_in_process(
         patch, "fit", "--config", TINY, "--trainer.default_root_dir", root, "--trainer.max_steps", steps,
-        "--trainer.limit_val_batches", 1, "--data.init_args.batch_size", 8, "--fid.every_n_epochs", 0,
-        "--sample_grids.every_n_epochs", 0, "--diagnostics.grad_every_n_steps", 0, *extra)
+        "--trainer.limit_val_batches", 1, "--data.init_args.batch_size", 8, "--evaluation.every_n_epochs", 0,
+        "--evaluation.grid_images", 0, "--diagnostics.grad_every_n_steps", 0, *extra)
 
 
 def test_a_requeued_slurm_job_resumes_from_its_last_checkpoint(bare_env, tmp_path, monkeypatch, caplog, mnist_dir):
@@ -116,7 +116,7 @@ def calls(spec) -> int:
 @pytest.mark.parametrize("name", GPU_RECIPES)
 def test_gpu_recipes_are_sized_by_steps_and_evaluate_in_at_most_a_fifth_of_the_run(name):
     cfg = yaml.safe_load((CONFIGS / name).read_text())
-    trainer, fid, grids = cfg["trainer"], cfg["fid"], cfg["sample_grids"]
+    trainer, fid = cfg["trainer"], cfg["evaluation"]
     # Steps, not epochs: the same length whatever the number of devices (an epoch is 8x shorter on 8 GPUs).
     assert trainer["max_steps"] > 0 and trainer["max_epochs"] == -1
     assert trainer["check_val_every_n_epoch"] is None and isinstance(trainer["val_check_interval"], int)
@@ -127,10 +127,10 @@ def test_gpu_recipes_are_sized_by_steps_and_evaluate_in_at_most_a_fifth_of_the_r
         periodic -= 1  # the last validation is the final one
     every = parse_samplers(fid["samplers"])
     final = parse_samplers(fid.get("final_samplers") or fid["samplers"])
-    grid = parse_samplers(grids["samplers"])
+    grid = parse_samplers(fid.get("grid_samplers") or fid["samplers"])
     val_images = 10_000  # MNIST's and Fashion-MNIST's test split, one forward each per validation
-    per_validation = fid["num_samples"] * sum(map(calls, every)) + grids["num_images"] * sum(map(calls, grid)) + val_images
-    last = fid["num_samples"] * sum(map(calls, final)) + grids["num_images"] * sum(map(calls, grid)) + val_images
+    per_validation = fid["num_samples"] * sum(map(calls, every)) + fid["grid_images"] * sum(map(calls, grid)) + val_images
+    last = fid["num_samples"] * sum(map(calls, final)) + fid["grid_images"] * sum(map(calls, grid)) + val_images
     evaluation = periodic * per_validation + last
     assert evaluation / (train + evaluation) <= 0.20, (name, evaluation / (train + evaluation))
     if "cfg" not in name:  # DDPM-1000 at the end (with guidance it alone would be 15% of the run)...

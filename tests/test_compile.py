@@ -24,9 +24,9 @@ def test_a_fit_with_evaluation_compiles_training_and_sampling_once_each(monkeypa
         *SMALL_NET, "--model.init_args.speed.compile", "true", "--model.init_args.speed.compile_sampling", "true",
         # EDM's fractional timesteps: the probe must draw what training draws, or training compiles a second graph
         "--model.init_args.objective", "diffusion.EDMObjective",
-        "--fid.samplers", "[ddim3]", "--fid.num_samples", 10, "--fid.batch_size", 4, "--fid.num_real", 16,
-        "--fid.feature_extractor", "fid_helpers.TinyFeatures", "--fid.cache_dir", tmp_path / "fid",
-        "--sample_grids.samplers", "[ddim3]", "--sample_grids.num_images", 3,
+        "--evaluation.samplers", "[ddim3]", "--evaluation.num_samples", 10, "--evaluation.batch_size", 4, "--evaluation.num_real", 16,
+        "--evaluation.feature_extractor", "fid_helpers.TinyFeatures", "--evaluation.cache_dir", tmp_path / "fid",
+        "--evaluation.grid_samplers", "[ddim3]", "--evaluation.grid_images", 3,
         "--diagnostics.grad_every_n_steps", 2, "--diagnostics.batch_size", 5,
     )
     assert code is None

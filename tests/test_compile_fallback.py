@@ -139,8 +139,8 @@ def tiny_checkpoint(mnist_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         code = main_in_process(patch, "fit", "--config", CONFIGS / "tiny.yaml", "--data.data_dir", mnist_dir,
                                "--trainer.max_steps", 1, "--trainer.logger", "false", "--trainer.default_root_dir", root,
-                               "--trainer.limit_val_batches", 1, "--fid.every_n_epochs", 0,
-                               "--sample_grids.every_n_epochs", 0, "--diagnostics.grad_every_n_steps", 0)
+                               "--trainer.limit_val_batches", 1, "--evaluation.every_n_epochs", 0,
+                               "--evaluation.grid_images", 0, "--diagnostics.grad_every_n_steps", 0)
     assert code is None
     (ckpt,) = root.rglob("last.ckpt")
     return ckpt

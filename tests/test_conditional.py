@@ -7,8 +7,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from diffusion.errors import ConfigError
-from diffusion.evaluation import SamplerSpec, parse_samplers
-from diffusion.fid_stats import class_labels
+from diffusion.samplers import SamplerSpec, parse_samplers
+from diffusion.seeding import class_labels
 from diffusion.module import DiffusionModel
 from diffusion.objective import Objective
 from diffusion.optim import Optimization

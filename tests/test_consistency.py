@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from conftest import CONFIGS, main_in_process, run_cli
-from diffusion.consistency import ConsistencyTuning
+from diffusion.objective import ConsistencyTuning
 from diffusion.errors import CheckpointError, ConfigError
 from diffusion.samplers import consistency_sample, get_sampler, sampler_timesteps
 from diffusion.schedule import NoiseSchedule
@@ -139,11 +139,11 @@ def test_consistency_sampling_is_seeded_and_renoises_between_steps():
 
 # --- the run, as a user runs it ------------------------------------------------------------------------------------
 
-QUIET = ["--fid.every_n_epochs", "0", "--sample_grids.every_n_epochs", "0", "--diagnostics.grad_every_n_steps", "0"]
+QUIET = ["--evaluation.every_n_epochs", "0", "--evaluation.grid_images", "0", "--diagnostics.grad_every_n_steps", "0"]
 EDM_T100 = ["--model.init_args.objective", "diffusion.EDMObjective",
             "--model.init_args.objective.init_args.num_timesteps", 100,
             "--model.init_args.objective.init_args.sigma_data", 0.9,
-            "--fid.samplers", "[ddim10]", "--sample_grids.samplers", "[ddim10]"]
+            "--evaluation.samplers", "[ddim10]", "--evaluation.grid_samplers", "[ddim10]"]
 
 
 @pytest.fixture(scope="module")
@@ -170,10 +170,9 @@ def ect_config(tmp_path_factory):
     cfg["model"]["init_args"]["objective"] = {"class_path": "diffusion.ConsistencyTuning", "init_args": {
         "stage_steps": 2, "sampling_steps": 2, "num_timesteps": 100, "sigma_data": 0.5}}
     cfg["model"]["init_args"]["sampling"] = {"sampler": "consistency", "steps": 2}
-    cfg["fid"].update(feature_extractor="fid_helpers.TinyFeatures", num_real=64, num_samples=8, every_n_epochs=1000,
+    cfg["evaluation"].update(feature_extractor="fid_helpers.TinyFeatures", num_real=64, num_samples=8, every_n_epochs=1000,
                       samplers=["consistency1", "consistency2"], test_samplers=["consistency1", "consistency4"],
-                      test_num_samples=8, floor=False)
-    cfg["sample_grids"].update(every_n_epochs=0, samplers=["consistency2"])
+                      test_num_samples=8, floor=False, grid_images=0, grid_samplers=["consistency2"])
     cfg["diagnostics"]["grad_every_n_steps"] = 0
     path = tmp_path_factory.mktemp("config") / "ect.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -210,7 +209,7 @@ def test_a_tuning_starts_from_the_teacher_takes_its_preconditioning_and_scores_i
 def test_a_tuning_resumed_mid_run_ends_in_the_same_state(tuned, ect_config, edm_teacher, mnist_dir, tmp_path):
     root, _ = tuned
     (mid,) = root.rglob("checkpoints/*step=4.ckpt")  # the third stage: the gap and the weights come from it
-    tune(ect_config, edm_teacher, tmp_path, mnist_dir, "--ckpt_path", mid, "--fid.every_n_epochs", 0)
+    tune(ect_config, edm_teacher, tmp_path, mnist_dir, "--ckpt_path", mid, "--evaluation.every_n_epochs", 0)
     (resumed,) = tmp_path.rglob("checkpoints/last.ckpt")
     assert_same_training_state(torch.load(resumed, map_location="cpu", weights_only=False), final_state(root), step=6)
 

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 
 from conftest import CONFIGS, ROOT
 from diffusion.callbacks.dashboard import WandbDashboard
-from diffusion.dashboard import run_tags
+from diffusion.report import run_tags
 from diffusion.report import sync_hint
 from diffusion.cli import DiffusionCLI
 from diffusion.errors import ConfigError
@@ -141,7 +141,7 @@ def test_the_sweep_config_is_valid_and_each_run_it_proposes_is_a_valid_command_l
     recipe = yaml.safe_load((CONFIGS / "mnist_cpu.yaml").read_text())
     # It minimizes an FID the recipe reports, and runs the recipe.
     assert sweep["metric"] == {"name": "fid/dpmpp2m_karras20", "goal": "minimize"}
-    assert sweep["metric"]["name"].removeprefix("fid/") in recipe["fid"]["samplers"]
+    assert sweep["metric"]["name"].removeprefix("fid/") in recipe["evaluation"]["samplers"]
     command = sweep["command"]
     assert command[:2] == ["${env}", "${interpreter}"] and command[-1] == "${args}"
     assert command[2:7] == ["-m", "diffusion", "fit", "--config", "configs/mnist_cpu.yaml"]

@@ -17,7 +17,7 @@ import yaml
 from conftest import CONFIGS, ROOT
 from diffusion.ranks import alive
 
-QUIET = ["--fid.every_n_epochs", 0, "--sample_grids.every_n_epochs", 0, "--diagnostics.grad_every_n_steps", 0,
+QUIET = ["--evaluation.every_n_epochs", 0, "--evaluation.grid_images", 0, "--diagnostics.grad_every_n_steps", 0,
          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
 DDP = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", 2, "--data.batch_size", 8]
 

@@ -143,9 +143,9 @@ def test_training_without_a_teacher_is_refused_and_evaluation_falls_back_to_deno
 
 # --- the run, as a user runs it ---------------------------------------------------------------------------------
 
-QUIET = ["--fid.every_n_epochs", "0", "--sample_grids.every_n_epochs", "0", "--diagnostics.grad_every_n_steps", "0"]
-T100 = ["--model.init_args.objective.init_args.num_timesteps", 100, "--fid.samplers", "[ddim10]",
-        "--sample_grids.samplers", "[ddim10]"]
+QUIET = ["--evaluation.every_n_epochs", "0", "--evaluation.grid_images", "0", "--diagnostics.grad_every_n_steps", "0"]
+T100 = ["--model.init_args.objective.init_args.num_timesteps", 100, "--evaluation.samplers", "[ddim10]",
+        "--evaluation.grid_samplers", "[ddim10]"]
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +174,8 @@ def distill_config(tmp_path_factory):
     cfg["model"]["init_args"]["objective"] = {"class_path": "diffusion.ProgressiveDistillation", "init_args": {
         "teacher_steps": 4, "final_steps": 1, "steps_per_round": 3, "num_timesteps": 100}}
     cfg["distill"] = {"num_samples": 8, "reference": "ddim10", "grid_images": 2}
-    cfg["fid"].update(feature_extractor="fid_helpers.TinyFeatures", num_real=64, every_n_epochs=0, samplers=["ddim10"],
+    cfg["evaluation"].update(feature_extractor="fid_helpers.TinyFeatures", num_real=64, every_n_epochs=0, samplers=["ddim10"],
                       test_samplers=["ddim1", "ddim2"], test_num_samples=8)
-    cfg["sample_grids"].update(every_n_epochs=0, samplers=["ddim10"])
     cfg["diagnostics"]["grad_every_n_steps"] = 0
     path = tmp_path_factory.mktemp("config") / "distill.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -293,7 +292,7 @@ def test_the_student_takes_the_teachers_network_and_schedule(distill_config, tea
             "--model.init_args.net.init_args.base_channels", 8, "--model.init_args.objective.init_args.num_timesteps", 1000]
     with pytest.warns(UserWarning, match="takes the teacher's net, objective.num_timesteps 100"):
         cli = DiffusionCLI(args=[str(a) for a in args], run=False)
-    from diffusion.runs import state_dict_mismatch
+    from diffusion.checkpoints import state_dict_mismatch
 
     state = torch.load(teacher, map_location="cpu", weights_only=False)["state_dict"]
     assert state_dict_mismatch(cli.model.state_dict(), state) == "" and cli.model.objective.num_timesteps == 100

@@ -11,14 +11,14 @@ from lightning.pytorch import Trainer, seed_everything
 
 from conftest import CONFIGS, run_cli
 from fault_helpers import assert_same_training_state, final_state
-from diffusion.callbacks import FIDEvaluation, TimestepDiagnostics
+from diffusion.callbacks import Evaluation, TimestepDiagnostics
 from diffusion.data import DiffusionDataModule
 from diffusion.ema import EMA
 from diffusion.errors import TrainingDiverged
 from fid_helpers import TinyFeatures
 from test_training import tiny_model
 
-QUIET_EVAL = ["--fid.every_n_epochs", "0", "--sample_grids.every_n_epochs", "0", "--diagnostics.grad_every_n_steps", "0"]
+QUIET_EVAL = ["--evaluation.every_n_epochs", "0", "--evaluation.grid_images", "0", "--diagnostics.grad_every_n_steps", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +73,9 @@ def test_ddp_two_processes_agree_and_split_the_evaluation(config, mnist_dir, tmp
     proc = run_cli(
         "fit", "--config", config, "--data.data_dir", mnist_dir, "--trainer.default_root_dir", tmp_path,
         "--trainer.max_steps", 6, "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", 2,
-        "--fid.feature_extractor", "fid_helpers.TinyFeatures", "--fid.num_samples", 9, "--fid.num_real", 64,
-        "--fid.samplers", "[ddim10, ddim25]", "--fid.save_samples", "true", "--sample_grids.samplers", "[ddim10]",
-        "--sample_grids.num_images", 2, "--diagnostics.grad_every_n_steps", 5,
+        "--evaluation.feature_extractor", "fid_helpers.TinyFeatures", "--evaluation.num_samples", 9, "--evaluation.num_real", 64,
+        "--evaluation.samplers", "[ddim10, ddim25]", "--evaluation.save_samples", "true", "--evaluation.grid_samplers", "[ddim10]",
+        "--evaluation.grid_images", 2, "--diagnostics.grad_every_n_steps", 5,
     )
     records = [json.loads(p.read_text()) for p in sorted(tmp_path.rglob("weights-rank*.json"))]
     assert [r["rank"] for r in records] == [0, 1] and all(r["world_size"] == 2 and r["step"] == 6 for r in records)
@@ -112,7 +112,7 @@ def test_ddp_spawn_pickles_everything(mnist_dir, tmp_path):
     dm = DiffusionDataModule("mnist", data_dir=str(mnist_dir), num_workers=0, batch_size=16, val_fraction=0.01)
     callbacks = [
         EMA(decay=0.9),
-        FIDEvaluation(samplers=["ddim5"], num_samples=4, num_real=32, feature_extractor=TinyFeatures(), test_num_samples=0),
+        Evaluation(samplers=["ddim5"], num_samples=4, num_real=32, feature_extractor=TinyFeatures(), test_num_samples=0),
         TimestepDiagnostics(grad_every_n_steps=2, batch_size=4),
     ]
     trainer = Trainer(accelerator="cpu", strategy="ddp_spawn", devices=2, max_steps=4, limit_val_batches=1, logger=False,

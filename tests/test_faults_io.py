@@ -217,7 +217,7 @@ def test_a_third_ctrl_c_stops_without_saving_and_leaves_no_partial_file(ctrl_c_i
     (["fit", "--config", CONFIGS / "tiny.yaml", "--ckpt_path", ""], "--ckpt_path is empty: pass a checkpoint"),
     (["sample", "--config", CONFIGS / "tiny.yaml", "--ckpt_path", "null"], "--ckpt_path is null: pass a checkpoint"),
     (["fit", "--config", CONFIGS / "tiny.yaml", "--data.data_dir", ""], "--data.data_dir is empty: pass the folder"),
-    (["fit", "--config", CONFIGS / "tiny.yaml", "--fid.weights_path", ""], "--fid.weights_path is empty: pass a local"),
+    (["fit", "--config", CONFIGS / "tiny.yaml", "--evaluation.weights_path", ""], "--evaluation.weights_path is empty: pass a local"),
 ], ids=["teacher null", "teacher empty", "ckpt_path empty", "sample ckpt_path null", "data_dir empty", "FID weights empty"])
 def test_an_empty_or_null_path_option_names_itself_and_what_to_pass(cli_main, tmp_path, args, flag):
     code, out, err = cli_main(*args, "--trainer.default_root_dir", tmp_path, "--trainer.logger", "false")

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from diffusion.errors import ConfigError
-from diffusion.fid_stats import to_uint8
+from diffusion.fid_score import to_uint8
 from diffusion.generate import generate_images, interpolation_noise, save_grid
 from diffusion.module import DiffusionModel
 from diffusion.objective import Objective

@@ -45,7 +45,7 @@ def test_dry_run_lists_every_command_of_the_report(tmp_path):
     assert commands[0] == (f"python -m pytest -m gpu -q -p no:cacheprovider -o junit_family=xunit1 --junitxml "
                            f"{tmp_path}/gpu-tests.xml")
     bench = "python benchmarks/throughput.py --config configs/mnist.yaml --json"
-    assert commands[1] == f"{bench} --fid_weights {SCRIPT} -- --data.init_args.data_dir /data --fid.test_num_samples 0"
+    assert commands[1] == f"{bench} --fid_weights {SCRIPT} -- --data.init_args.data_dir /data --evaluation.test_num_samples 0"
     assert commands[2:8] == [f"{bench} --only train,sample --samplers ddim50 -- --data.init_args.data_dir /data {off}"
                              for off in SWITCH_OFF.values()]
     assert commands[8] == (

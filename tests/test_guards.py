@@ -37,7 +37,7 @@ def tiny_model(**objective):
 # --- every numeric option, one place -------------------------------------------------------------------------
 def _calls():
     from diffusion import SamplingDefaults
-    from diffusion.evaluation import SamplerSpec
+    from diffusion.samplers import SamplerSpec
     from diffusion.objective import EDMObjective
     from diffusion.phema import sigma_rel_to_gamma
     from diffusion.samplers import ddim_sample, karras_timesteps, make_timesteps
@@ -73,7 +73,7 @@ def test_a_bad_number_is_refused_in_one_line_naming_the_option_and_its_range(ind
 
 def test_good_values_pass_and_sample_as_before():
     from diffusion import SamplingDefaults
-    from diffusion.evaluation import SamplerSpec
+    from diffusion.samplers import SamplerSpec
 
     assert SamplingDefaults(guidance=2.0, eta=1.0, steps=3).eta == 1.0
     assert SamplerSpec.parse("ddim5@w1.5") == SamplerSpec("ddim", 5, 1.5)
@@ -89,10 +89,10 @@ def run(tmp_path_factory, mnist_dir):
     with pytest.MonkeyPatch.context() as patch:
         code = main_in_process(patch, "fit", "--config", TINY, "--data.data_dir", mnist_dir, "--trainer.default_root_dir",
                                root, "--trainer.max_steps", 1, "--trainer.logger", "false", "--trainer.limit_val_batches",
-                               0, "--trainer.enable_progress_bar", "false", "--fid.every_n_epochs", 0,
-                               "--sample_grids.every_n_epochs", 0, "--diagnostics.grad_every_n_steps", 0,
-                               "--model.init_args.objective.init_args.num_timesteps", 100, "--fid.samplers", "[ddim10]",
-                               "--sample_grids.samplers", "[ddim10]")
+                               0, "--trainer.enable_progress_bar", "false", "--evaluation.every_n_epochs", 0,
+                               "--evaluation.grid_images", 0, "--diagnostics.grad_every_n_steps", 0,
+                               "--model.init_args.objective.init_args.num_timesteps", 100, "--evaluation.samplers", "[ddim10]",
+                               "--evaluation.grid_samplers", "[ddim10]")
     assert not code
     (ckpt,) = root.rglob("checkpoints/last.ckpt")
     return root, ckpt
@@ -193,7 +193,7 @@ def test_a_resumed_consistency_tuning_checks_a_teacher_it_is_given(tmp_path):
     other = teacher_file(tmp_path / "other.ckpt", seed=1)
 
     def resume(path):
-        from diffusion.consistency import ConsistencyTuning
+        from diffusion.objective import ConsistencyTuning
         from diffusion.module import DiffusionModel
         from diffusion.unet import UNet
 

@@ -277,7 +277,7 @@ def test_sample_and_test_take_an_ema_length_and_refuse_one_they_cannot_rebuild(t
     from conftest import CONFIGS
 
     tiny = ["--config", CONFIGS / "tiny.yaml", "--model.init_args.objective.init_args.num_timesteps", 20,
-            "--fid.samplers", "[ddim2]", "--fid.test_samplers", "[ddim2]", "--sample_grids.samplers", "[ddim2]"]
+            "--evaluation.samplers", "[ddim2]", "--evaluation.test_samplers", "[ddim2]", "--evaluation.grid_samplers", "[ddim2]"]
     cli_ok("fit", *tiny, "--data.data_dir", mnist_dir, "--trainer.max_steps", 6, "--trainer.logger", "false",
            "--trainer.limit_val_batches", 0, "--trainer.default_root_dir", tmp_path / "run",
            "--diagnostics.grad_every_n_steps", 0, "--data.batch_size", 4,
@@ -292,7 +292,7 @@ def test_sample_and_test_take_an_ema_length_and_refuse_one_they_cannot_rebuild(t
 
     # test: the rebuilt weights, not the checkpoint's fixed EMA (the same seeded test noise, another loss).
     testing = ["test", *tiny, "--data.data_dir", mnist_dir, "--ckpt_path", ckpt, "--trainer.limit_test_batches", 2,
-               "--trainer.logger", "false", "--fid.test_num_samples", 0, "--trainer.default_root_dir", tmp_path / "t"]
+               "--trainer.logger", "false", "--evaluation.test_num_samples", 0, "--trainer.default_root_dir", tmp_path / "t"]
     losses = [float(re.search(r"test/loss\s+([0-9.]+)", cli_ok(*testing, *extra)[0]).group(1))
               for extra in ([], ["--ema_length", 0.07], ["--ema_length", 0.07])]
     assert losses[0] != losses[1] == losses[2]
@@ -312,7 +312,7 @@ def test_fid_callback_scores_each_ema_length_and_puts_the_weights_back(tmp_path,
     import importlib.util
 
     from conftest import CONFIGS, ROOT
-    from diffusion.callbacks import FIDEvaluation
+    from diffusion.callbacks import Evaluation
     from fid_helpers import TinyFeatures
 
     spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
@@ -320,7 +320,7 @@ def test_fid_callback_scores_each_ema_length_and_puts_the_weights_back(tmp_path,
     spec.loader.exec_module(quality)
     cli = quality.diffusion_cli(["--config", str(CONFIGS / "mnist_cpu.yaml"), *quality.QUICK_OVERRIDES,
                                  "--trainer.logger", "false", "--data.init_args.data_dir", str(mnist_dir)], run=False)
-    fid = FIDEvaluation(samplers=["ddim5"], num_samples=8, num_real=32, test_num_samples=0, batch_size=8,
+    fid = Evaluation(samplers=["ddim5"], num_samples=8, num_real=32, test_num_samples=0, batch_size=8,
                         feature_extractor=TinyFeatures(), cache_dir=str(tmp_path / "cache"), cpu_limits=False,
                         ema_lengths=[0.05, 0.09, 0.25])
     seen, around = [], []
@@ -354,12 +354,12 @@ def test_fid_callback_scores_each_ema_length_and_puts_the_weights_back(tmp_path,
 
 
 def test_fid_ema_lengths_need_the_profiles():
-    from diffusion.callbacks import FIDEvaluation
+    from diffusion.callbacks import Evaluation
     from fid_helpers import TinyFeatures
 
     with pytest.raises(ConfigError, match="sigma_rel"):
-        FIDEvaluation(feature_extractor=TinyFeatures(), ema_lengths=[0.5])
-    fid = FIDEvaluation(feature_extractor=TinyFeatures(), ema_lengths=[0.1])
+        Evaluation(feature_extractor=TinyFeatures(), ema_lengths=[0.5])
+    fid = Evaluation(feature_extractor=TinyFeatures(), ema_lengths=[0.1])
     trainer = SimpleNamespace(callbacks=[fid], datamodule=SimpleNamespace(reference_set=None))
     module = SimpleNamespace(schedule=SimpleNamespace(num_timesteps=1000), num_classes=0)
     with pytest.raises(ConfigError, match="needs the PostHocEMA callback") as info:

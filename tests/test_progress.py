@@ -10,8 +10,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from diffusion import evaluation as ev
-from diffusion import fid_stats
+from diffusion import fid_score
 from diffusion import progress as pg
 from diffusion.callbacks import Throughput
 from diffusion.errors import ConfigError
@@ -79,14 +78,14 @@ def test_every_sampler_advances_its_progress_once_per_network_call(name, steps, 
 
 def test_evaluation_bars_count_images_per_sampler_and_per_feature_pass(tmp_path, counters):
     data = TensorDataset(torch.rand(40, 1, 8, 8) * 2 - 1)
-    metric = fid_stats.make_fid(TinyFeatures())
-    fid_stats.ensure_real_stats(metric, data, {"dataset": "toy", "split": "train"}, tmp_path, None, 16, CPU, progress=Counter)
-    ev.fid_of_samples(metric, lambda x_T, g, idx: x_T.clamp(-1, 1), 10, (1, 8, 8), 0, 4, CPU, progress=Counter,
+    metric = fid_score.make_fid(TinyFeatures())
+    fid_score.ensure_real_stats(metric, data, {"dataset": "toy", "split": "train"}, tmp_path, None, 16, CPU, progress=Counter)
+    fid_score.fid_of_samples(metric, lambda x_T, g, idx: x_T.clamp(-1, 1), 10, (1, 8, 8), 0, 4, CPU, progress=Counter,
                       desc="FID ddim5")
     features, samples = counters
     assert (features.total, features.n) == (40, 40) and "toy" in features.desc
     assert (samples.total, samples.n, samples.desc) == (10, 10, "FID ddim5")  # batches of 4, 4, 2 images
-    fid_stats.ensure_real_stats(fid_stats.make_fid(TinyFeatures()), data, {"dataset": "toy", "split": "train"}, tmp_path, None, 16,
+    fid_score.ensure_real_stats(fid_score.make_fid(TinyFeatures()), data, {"dataset": "toy", "split": "train"}, tmp_path, None, 16,
                          CPU, progress=Counter)
     assert len(counters) == 2  # cached: no features to compute, no bar
 
@@ -158,12 +157,12 @@ def test_a_short_run_only_says_how_long_it_will_take(recwarn):
 
 
 def test_max_time_and_early_stops_count_as_the_end_of_training():
-    from diffusion.callbacks.common import due
+    from diffusion.callbacks.common import evaluation_due
     from lightning.pytorch.trainer.states import TrainerFn
 
     trainer = SimpleNamespace(sanity_checking=False, state=SimpleNamespace(fn=TrainerFn.FITTING), max_steps=-1,
                               global_step=100, max_epochs=-1, current_epoch=0, should_stop=False)
-    assert not due(trainer, every_n_epochs=1000)
+    assert not evaluation_due(trainer, every_n_epochs=1000)
     trainer.should_stop = True  # Lightning's Timer (max_time) or EarlyStopping asked to stop: the last validation
-    assert due(trainer, every_n_epochs=1000)
-    assert not due(trainer, every_n_epochs=0)  # off stays off
+    assert evaluation_due(trainer, every_n_epochs=1000)
+    assert not evaluation_due(trainer, every_n_epochs=0)  # off stays off

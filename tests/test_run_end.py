@@ -22,10 +22,10 @@ from diffusion.optim import lr_schedule
 SMALL = [
     "--model.init_args.net.init_args.channel_mults", "[1, 2]",
     "--model.init_args.net.init_args.attention_resolutions", "[]",
-    "--model.init_args.objective.init_args.num_timesteps", "20", "--fid.samplers", "[ddim5]",
-    "--fid.test_samplers", "[ddim5]", "--sample_grids.samplers", "[ddim5]",
+    "--model.init_args.objective.init_args.num_timesteps", "20", "--evaluation.samplers", "[ddim5]",
+    "--evaluation.test_samplers", "[ddim5]", "--evaluation.grid_samplers", "[ddim5]",
     "--data.init_args.batch_size", "8",
-    "--fid.every_n_epochs", "0", "--sample_grids.every_n_epochs", "0", "--diagnostics.grad_every_n_steps", "0",
+    "--evaluation.every_n_epochs", "0", "--evaluation.grid_images", "0", "--diagnostics.grad_every_n_steps", "0",
     "--trainer.enable_progress_bar", "false",
 ]
 
@@ -228,12 +228,12 @@ def test_last_ckpt_holds_the_final_step_of_a_max_steps_run_with_both_weights(fit
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_signal_stops_at_the_step_boundary_and_saves_last_ckpt(fit, signum):
     previous = signal.getsignal(signum)
-    cli = fit("--trainer.max_steps", "50", "--trainer.logger", "false", "--fid.every_n_epochs", "1",
-              "--fid.num_samples", "4", callbacks=[SendSignal(signum, at_step=4)])
+    cli = fit("--trainer.max_steps", "50", "--trainer.logger", "false", "--evaluation.every_n_epochs", "1",
+              "--evaluation.num_samples", "4", callbacks=[SendSignal(signum, at_step=4)])
     assert cli.trainer.global_step == 4 and last_step(cli)[1] == 4
     final = next(c for c in cli.trainer.callbacks if isinstance(c, FinalCheckpoint))
     assert final.stop_requested == signal.Signals(signum).name
-    fid = next(c for c in cli.trainer.callbacks if type(c).__name__ == "FIDEvaluation")
+    fid = next(c for c in cli.trainer.callbacks if type(c).__name__ == "Evaluation")
     assert not fid.last_results  # no time to evaluate: the scheduler may kill the job within seconds
     assert signal.getsignal(signum) is previous  # the handlers are put back
 
@@ -279,9 +279,9 @@ def test_a_signal_during_the_final_evaluation_stops_it_and_keeps_the_final_step(
     previous = signal.getsignal(signal.SIGTERM)
     # tiny.yaml checkpoints every 100 steps: without the save before the evaluation, nothing would be on disk.
     with pytest.raises(EvaluationStopped, match=r"SIGTERM during the evaluation at step 6: stopped it; .*last.ckpt holds"):
-        fit("--trainer.max_steps", "6", "--trainer.logger", "false", "--fid.every_n_epochs", "1",
-            "--fid.num_samples", "4", "--fid.num_real", "16", "--fid.cache_dir", tmp_path / "fid",
-            "--fid.feature_extractor", "fid_helpers.SigtermOnFirstCall")
+        fit("--trainer.max_steps", "6", "--trainer.logger", "false", "--evaluation.every_n_epochs", "1",
+            "--evaluation.num_samples", "4", "--evaluation.num_real", "16", "--evaluation.cache_dir", tmp_path / "fid",
+            "--evaluation.feature_extractor", "fid_helpers.SigtermOnFirstCall")
     assert SigtermOnFirstCall.sent
     (last,) = tmp_path.rglob("checkpoints/last.ckpt")
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
@@ -301,9 +301,9 @@ def test_sigterm_two_seconds_into_the_final_evaluation_ends_the_process_with_the
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "diffusion", "fit", "--config", CONFIGS / "tiny.yaml", "--data.data_dir", mnist_dir,
            "--trainer.default_root_dir", tmp_path / "run", "--trainer.max_steps", 5, "--trainer.logger", "false",
-           "--trainer.enable_progress_bar", "false", "--fid.samplers", "[ddpm1000]", "--fid.num_real", 16,
-           "--fid.feature_extractor", "fid_helpers.TinyFeatures", "--fid.cache_dir", tmp_path / "fid",
-           "--sample_grids.every_n_epochs", 0, "--diagnostics.grad_every_n_steps", 0,
+           "--trainer.enable_progress_bar", "false", "--evaluation.samplers", "[ddpm1000]", "--evaluation.num_real", 16,
+           "--evaluation.feature_extractor", "fid_helpers.TinyFeatures", "--evaluation.cache_dir", tmp_path / "fid",
+           "--evaluation.grid_images", 0, "--diagnostics.grad_every_n_steps", 0,
            "--trainer.callbacks+=fault_helpers.EvaluationMarker"]
     with open(tmp_path / "out.txt", "w") as out:
         proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

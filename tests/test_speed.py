@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch import seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffusion.cli import load_weights, on_gpu
+from diffusion.checkpoints import load_weights
+from diffusion.cli import on_gpu
 from diffusion.ema import EMA
 from diffusion.module import DiffusionModel
 from diffusion.optim import Optimization

@@ -109,7 +109,8 @@ def test_one_thread_is_never_tuned_and_bad_values_are_refused():
 
 def test_samplers_tick_once_per_network_call_where_a_governor_is_installed():
     from diffusion import DiffusionModel, UNet
-    from diffusion.evaluation import SamplerSpec, spec_sampler
+    from diffusion.fid_score import spec_sampler
+    from diffusion.samplers import SamplerSpec
 
     ticks = []
 

@@ -1,14 +1,14 @@
 """Callbacks that answer, on the dashboard, how training goes and how good the samples are.
 
-- ``FIDEvaluation``: FID of several samplers (DDPM-1000 vs DDIM-10/25/50) at validation epoch ends, and the
-  final table with the data's own floor in ``test``;
-- ``SampleGrids``: the same noise through every sampler, side by side, plus a forward-process strip;
+- ``Evaluation``: FID of several samplers (DDPM-1000 vs DDIM-10/25/50) and their sample grids (the same noise
+  through every sampler, side by side, plus a forward-process strip) at validation epoch ends, and the final table
+  with the data's own floor in ``test``;
 - ``TimestepDiagnostics``: training loss and gradient norm per timestep bucket, total gradient norm;
 - ``Throughput``: images per second, step time, peak GPU memory;
 - ``ThreadTuning``: on a CPU, the thread count fitted to a machine that other processes share;
 - ``DistillationRounds``: the rounds of a progressive distillation, each with its checkpoint, FID and grid;
 - ``ConsistencyTuningRun``: a consistency tuning's start from its teacher and its stage of the gap schedule;
-- ``WandbDashboard``: the W&B run's tags, images-seen axis and evaluation table (the FID callback's rows),
+- ``WandbDashboard``: the W&B run's tags, images-seen axis and evaluation table (the evaluation's rows),
   checkpoints as artifacts.
 
 One file per callback, as Lightning lays out its own; ``common`` holds what they share. Each works on DDP:
@@ -23,13 +23,12 @@ from diffusion.callbacks.consistency import ConsistencyTuningRun
 from diffusion.callbacks.dashboard import WandbDashboard
 from diffusion.callbacks.diagnostics import TimestepDiagnostics
 from diffusion.callbacks.distill import DistillationRounds
-from diffusion.callbacks.fid import FIDEvaluation, format_table
-from diffusion.callbacks.sample_grids import SampleGrids
+from diffusion.callbacks.evaluation import Evaluation
 from diffusion.callbacks.threads import ThreadTuning
 from diffusion.callbacks.throughput import Throughput
 
 __all__ = [
-    "ConsistencyTuningRun", "DEFAULT_SAMPLERS", "DistillationRounds", "FIDEvaluation", "SampleGrids", "ThreadTuning", "Throughput",
-    "TimestepDiagnostics", "WandbDashboard", "format_table", "labelled_rows", "log_metrics", "run_dir",
+    "ConsistencyTuningRun", "DEFAULT_SAMPLERS", "DistillationRounds", "Evaluation", "ThreadTuning", "Throughput",
+    "TimestepDiagnostics", "WandbDashboard", "labelled_rows", "log_metrics", "run_dir",
     "sampling_module",
 ]

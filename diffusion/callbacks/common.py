@@ -12,10 +12,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from diffusion import evaluation as ev
+from diffusion import fid_score
 from diffusion.ema import EMA
 from diffusion.errors import ConfigError
 from diffusion.report import log_step, to_pil
+from diffusion.samplers import SamplerSpec
 
 DEFAULT_SAMPLERS = ("ddpm1000", "ddim10", "ddim25", "ddim50")
 
@@ -85,13 +86,13 @@ def num_classes_of(module: LightningModule) -> int:
     return int(getattr(module, "num_classes", 0))
 
 
-def sample_fn(module: LightningModule, trainer: Trainer, spec: ev.SamplerSpec, labels: Optional[Tensor] = None):
+def sample_fn(module: LightningModule, trainer: Trainer, spec: SamplerSpec, labels: Optional[Tensor] = None):
     """``run(x_T, generator, indices)``: samples through ``spec`` in the trainer's precision, as the FID scorer
     does (``evaluation.spec_sampler``); a class-conditional model gets ``labels``, or class i mod K for sample i."""
-    return ev.spec_sampler(module, spec, trainer.precision_plugin.forward_context, labels)
+    return fid_score.spec_sampler(module, spec, trainer.precision_plugin.forward_context, labels)
 
 
-def check_guidance(specs: Sequence[ev.SamplerSpec], module: LightningModule, owner: str) -> None:
+def check_guidance(specs: Sequence[SamplerSpec], module: LightningModule, owner: str) -> None:
     if not num_classes_of(module) and any(s.guidance for s in specs):
         raise ConfigError(
             f"{owner}: {', '.join(s.text for s in specs if s.guidance)} ask for guidance, but the model is "
@@ -110,7 +111,7 @@ def stop_requested(trainer: Trainer) -> bool:
     return any(getattr(cb, "stop_requested", None) for cb in getattr(trainer, "callbacks", ()))
 
 
-def due(trainer: Trainer, every_n_epochs: int) -> bool:
+def evaluation_due(trainer: Trainer, every_n_epochs: int) -> bool:
     """Evaluate this validation epoch? Every n epochs, and always at the end of training, unless a signal asked
     the run to stop. Every input is the same on every rank under DDP (the step, the epoch, ``should_stop`` from
     Lightning's broadcasting Timer or the agreed stops, the agreed budget's ``max_steps``), so the ranks decide

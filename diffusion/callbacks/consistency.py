@@ -1,4 +1,4 @@
-"""Consistency tuning (``diffusion.consistency.ConsistencyTuning``) inside ``fit``: the student starts as the
+"""Consistency tuning (``diffusion.objective.ConsistencyTuning``) inside ``fit``: the student starts as the
 teacher checkpoint's EMA weights, the loss learns the optimizer step (its stage of the gap schedule), and the
 checkpoints sample with the multistep consistency sampler. Inert unless the model's objective is a
 ``ConsistencyTuning``."""
@@ -13,7 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from diffusion import teacher as teacher_checkpoint
-from diffusion.consistency import ConsistencyTuning
+from diffusion.objective import ConsistencyTuning
 from diffusion.ema import EMA
 from diffusion.errors import ConfigError
 

@@ -10,9 +10,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from diffusion import dashboard, report
+from diffusion import report
 from diffusion.errors import ConfigError
-from diffusion.evaluation import FIDRecord
+from diffusion.fid_score import FIDRecord
 from diffusion.report import images_seen, log_step, wandb_runs
 
 OFFLINE_UPLOAD = ("dashboard.log_checkpoints: checkpoints are uploaded only when W&B runs online, and this run is "
@@ -29,7 +29,7 @@ class WandbDashboard(Callback):
     - ``images_seen`` (optimizer steps x global batch) in every logged row, the x-axis of the losses and FIDs, and
       the FIDs' summaries as their minimum;
     - the evaluation table ``evaluation/table``: one row per sampler and evaluation, its samples as an image, over
-      the whole run (``fit`` and ``test`` alike), and the chart ``evaluation/fid_by_step`` (``FIDEvaluation`` hands
+      the whole run (``fit`` and ``test`` alike), and the chart ``evaluation/fid_by_step`` (``Evaluation`` hands
       its results here);
     - online, with ``log_checkpoints``, the final ``last.ckpt`` as the model artifact ``model-<run id>`` (``all``:
       the periodic checkpoints too), with its step, images seen and FIDs as metadata;
@@ -63,7 +63,7 @@ class WandbDashboard(Callback):
         for run in runs:
             linked = self.training_run and self.training_run != run.id
             trained_by = [f"trained_by:{self.training_run}"] if linked else []
-            run.tags = tuple(dict.fromkeys([*(run.tags or ()), *dashboard.run_tags(trainer, pl_module), *trained_by]))
+            run.tags = tuple(dict.fromkeys([*(run.tags or ()), *report.run_tags(trainer, pl_module), *trained_by]))
             report.define_metrics(run, self.fid_keys)
             if trained_by:
                 run.config.update({"run/training_run": self.training_run}, allow_val_change=True)
@@ -77,11 +77,11 @@ class WandbDashboard(Callback):
     # blocking host-to-GPU copy at every step otherwise (Lightning has no public "is this a logging step").
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if trainer._logger_connector.should_update_logs or trainer.should_stop:
-            pl_module.log(dashboard.IMAGES_SEEN, float(images_seen(trainer)), on_step=True, on_epoch=False)
+            pl_module.log(report.IMAGES_SEEN, float(images_seen(trainer)), on_step=True, on_epoch=False)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            pl_module.log(dashboard.IMAGES_SEEN, float(images_seen(trainer)), sync_dist=True)  # the same on every rank
+            pl_module.log(report.IMAGES_SEEN, float(images_seen(trainer)), sync_dist=True)  # the same on every rank
 
     # --- the evaluation table ------------------------------------------------------------------------------
     def log_evaluation(self, trainer: Trainer, results: list[FIDRecord], floor: Optional[float]) -> None:

@@ -13,18 +13,18 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from diffusion import evaluation as ev
-from diffusion import fid_stats
+from diffusion import seeding
 from diffusion.callbacks.common import (
     image_shape, labelled_rows, log_metrics, run_dir, sample_fn, sampling_module,
     stop_requested,
 )
-from diffusion.callbacks.fid import FIDEvaluation
+from diffusion.callbacks.evaluation import Evaluation
 from diffusion.ema import EMA
 from diffusion.errors import ConfigError
 from diffusion.objective import Objective, ProgressiveDistillation
 from diffusion.progress import progress_bars
 from diffusion.report import log_image, log_line_chart
+from diffusion.samplers import SamplerSpec
 from diffusion import teacher as teacher_checkpoint
 from diffusion.teacher import resumed_teacher_missing
 
@@ -40,12 +40,12 @@ class DistillationRounds(Callback):
     Args:
         num_samples: images for each round's FIDs (0: none): the student's DDIM at its N steps, the first teacher's
             DDIM at N steps, and once the first teacher's ``reference`` sampler; the inception weights, the cache and
-            the real statistics are the ``fid`` group's (``FIDEvaluation``).
+            the real statistics are the ``evaluation`` group's (``Evaluation``).
         reference: the first teacher's sampler the students are compared with (``ddim50``).
         floor: also log the data's floor for ``num_samples`` held-out images.
         grid_images: images in each row of the round's grid (0: none): the same noise through the first teacher's
             ``reference``, its DDIM at N steps and the student's N steps.
-        seed: seed of the grids' noise (the FID noise is the ``fid`` group's seed).
+        seed: seed of the grids' noise (the FID noise is the ``evaluation`` group's seed).
     """
 
     def __init__(self, num_samples: int = 250, reference: str = "ddim50", floor: bool = True, grid_images: int = 8,
@@ -55,7 +55,7 @@ class DistillationRounds(Callback):
         if grid_images < 0:
             raise ConfigError(f"DistillationRounds: grid_images must be >= 0, got {grid_images}.")
         self.num_samples, self.floor, self.grid_images, self.seed = num_samples, floor, grid_images, seed
-        self.reference = ev.SamplerSpec.parse(reference)
+        self.reference = SamplerSpec.parse(reference)
         self.round = -1
         self.results: list[dict[str, Any]] = []  # one per finished round
         self.reference_fid: Optional[float] = None
@@ -65,9 +65,9 @@ class DistillationRounds(Callback):
         self._restored: Optional[dict] = None
         self._fingerprint: Optional[str] = None  # of the first teacher's weights
         # Handed over by diffusion.callbacks.wiring.wire: the EMA (its copy starts as the teacher) and the
-        # FIDEvaluation whose scorer scores the rounds.
+        # Evaluation whose scorer scores the rounds.
         self.ema: Optional[EMA] = None
-        self.fid: Optional[FIDEvaluation] = None
+        self.evaluation: Optional[Evaluation] = None
 
     @staticmethod
     def objective(pl_module: LightningModule) -> Optional[ProgressiveDistillation]:
@@ -211,10 +211,10 @@ class DistillationRounds(Callback):
         trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes (the EMA weights as its state_dict)
         self.checkpoints.append(path)
         result: dict[str, Any] = {"round": self.round + 1, "steps": steps, "step": trainer.global_step, "checkpoint": str(path)}
-        spec = ev.SamplerSpec.parse(f"ddim{steps}")
+        spec = SamplerSpec.parse(f"ddim{steps}")
         student = sampling_module(trainer, pl_module)
-        if self.num_samples and self.fid is not None:
-            result.update(self.score(trainer, pl_module, self.fid, student, spec))
+        if self.num_samples and self.evaluation is not None:
+            result.update(self.score(trainer, pl_module, self.evaluation, student, spec))
         self.results.append(result)
         rank_zero_info(
             f"Distillation round {result['round']}/{objective.rounds} done at step {trainer.global_step}: {path}"
@@ -225,12 +225,12 @@ class DistillationRounds(Callback):
         if self.grid_images:
             self.grid(trainer, pl_module, student, spec)
 
-    def score(self, trainer: Trainer, pl_module: LightningModule, fid: FIDEvaluation, student: LightningModule,
-              spec: ev.SamplerSpec) -> dict[str, float]:
+    def score(self, trainer: Trainer, pl_module: LightningModule, fid: Evaluation, student: LightningModule,
+              spec: SamplerSpec) -> dict[str, float]:
         scorer = fid.scorer(trainer, pl_module)
         bars = progress_bars(trainer)
 
-        def fid_of(module: LightningModule, s: ev.SamplerSpec) -> float:
+        def fid_of(module: LightningModule, s: SamplerSpec) -> float:
             r = scorer.score(module, s, self.num_samples, precision=trainer.precision_plugin.forward_context,
                              progress=bars, keep=0)
             return float(r.fid)
@@ -255,8 +255,8 @@ class DistillationRounds(Callback):
                                  "teacher DDIM": ([r["steps"] for r in done], [r["fid_teacher"] for r in done])})
         return out
 
-    def grid(self, trainer: Trainer, pl_module: LightningModule, student: LightningModule, spec: ev.SamplerSpec) -> None:
-        x_T = fid_stats.seeded_noise(range(self.grid_images), image_shape(student), self.seed).to(pl_module.device)
+    def grid(self, trainer: Trainer, pl_module: LightningModule, student: LightningModule, spec: SamplerSpec) -> None:
+        x_T = seeding.seeded_noise(range(self.grid_images), image_shape(student), self.seed).to(pl_module.device)
         rows, labels = [], []
         for module, s, label in ((self._first, self.reference, f"teacher {self.reference.text}"),
                                  (self._first, spec, f"teacher {spec.text}"), (student, spec, f"student {spec.text}")):

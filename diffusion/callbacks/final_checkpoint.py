@@ -14,7 +14,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from diffusion import ranks
-from diffusion.callbacks.common import due, final_validation
+from diffusion.callbacks.common import evaluation_due, final_validation
 from diffusion.checkpoint_io import CheckpointWriteError, describe_last_written, last_written
 from diffusion.checkpoint_io import install as install_atomic_checkpoints
 from diffusion.errors import EvaluationStopped, TrainingDiverged
@@ -160,8 +160,8 @@ class FinalCheckpoint(Callback):
     def _evaluation_due(self, trainer: Trainer) -> bool:
         if final_validation(trainer):
             return True
-        # The evaluations' cadence (common.due: every n validations, never after a signal)
-        return any(due(trainer, n) for n in self.evaluation_cadences)
+        # The evaluations' cadence (common.evaluation_due: every n validations, never after a signal)
+        return any(evaluation_due(trainer, n) for n in self.evaluation_cadences)
 
     def on_validation_batch_start(self, trainer: Trainer, *args: Any) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:

@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from diffusion import fid_stats
+from diffusion import seeding
 from diffusion.callbacks.common import log_metrics
 
 
@@ -41,7 +41,7 @@ class Throughput(Callback):
     def estimate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Say how long the run will take at the pace of its first steps (validation and evaluation not
         included); warn on a CPU when that is long."""
-        fid_stats.synchronize(pl_module.device)
+        seeding.synchronize(pl_module.device)
         now = time.perf_counter()
         if self._estimate is None:
             self._estimate = (now, trainer.global_step)
@@ -73,14 +73,14 @@ class Throughput(Callback):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         every = max(1, trainer.log_every_n_steps)
         if self._mark is None:  # the first step includes warm-up (allocation, compilation): start after it
-            fid_stats.synchronize(pl_module.device)
+            seeding.synchronize(pl_module.device)
             self._mark, self._images, self._steps = time.perf_counter(), 0, 0
             return
         self._images += images.shape[0]
         self._steps += 1
         if trainer.global_step % every:
             return
-        fid_stats.synchronize(pl_module.device)
+        seeding.synchronize(pl_module.device)
         now = time.perf_counter()
         seconds, self._mark = now - self._mark, now
         metrics = {

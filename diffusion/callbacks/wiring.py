@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Timer, WeightAveraging
 from diffusion.callbacks.consistency import ConsistencyTuningRun
 from diffusion.callbacks.dashboard import WandbDashboard
 from diffusion.callbacks.distill import DistillationRounds
-from diffusion.callbacks.fid import FIDEvaluation
+from diffusion.callbacks.evaluation import Evaluation
 from diffusion.callbacks.final_checkpoint import FinalCheckpoint
 from diffusion.callbacks.throughput import Throughput
 from diffusion.ema import EMA
@@ -35,10 +35,10 @@ def wire(callbacks: Sequence[Callback], run_id: Optional[str] = None, training_r
     """Hands each callback in ``callbacks`` the others it works with (see the module's doc), and the dashboard the
     run's identity (``run_id``; ``training_run``: the id of the run a ``test`` or ``validate`` scores)."""
     ema = _first(callbacks, EMA)
-    fid, dashboard = _first(callbacks, FIDEvaluation), _first(callbacks, WandbDashboard)
+    evaluation, dashboard = _first(callbacks, Evaluation), _first(callbacks, WandbDashboard)
     timer = _first(callbacks, Timer)
     averaging = [cb for cb in callbacks if isinstance(cb, WeightAveraging)]
-    # The evaluations with a cadence (FID, sample grids): the step is saved before one that is due.
+    # The evaluations with a cadence (the Evaluation's FID and grids): the step is saved before one that is due.
     cadences = sorted({cb.every_n_epochs for cb in callbacks if isinstance(getattr(cb, "every_n_epochs", None), int)})
     for cb in callbacks:
         if isinstance(cb, (DistillationRounds, ConsistencyTuningRun, SaveAndLogConfig)):
@@ -48,9 +48,9 @@ def wire(callbacks: Sequence[Callback], run_id: Optional[str] = None, training_r
         if isinstance(cb, FinalCheckpoint):
             cb.weight_averaging, cb.evaluation_cadences = averaging, cadences
         if isinstance(cb, DistillationRounds):
-            cb.fid = fid  # its scorer scores the rounds
-        if isinstance(cb, FIDEvaluation):
+            cb.evaluation = evaluation  # its scorer scores the rounds
+        if isinstance(cb, Evaluation):
             cb.dashboard, cb.phema = dashboard, _first(callbacks, PostHocEMA)
         if isinstance(cb, WandbDashboard):
             cb.run_id, cb.training_run = run_id, training_run
-            cb.fid_keys = fid.metric_keys() if fid is not None else []
+            cb.fid_keys = evaluation.metric_keys() if evaluation is not None else []

@@ -28,7 +28,7 @@ MARKS = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run `python -m pytest -m gpu` on one"),
 ]
-QUIET_EVAL = ["--fid.every_n_epochs", "0", "--sample_grids.every_n_epochs", "0", "--diagnostics.grad_every_n_steps", "0"]
+QUIET_EVAL = ["--evaluation.every_n_epochs", "0", "--evaluation.grid_images", "0", "--diagnostics.grad_every_n_steps", "0"]
 FALLBACK = "torch.compile failed for"  # DiffusionModel's fallback warning
 FID_WEIGHTS_DEFAULT = ROOT.parent / "shared" / "fid" / "pt_inception-2015-12-05-fc-zero.pth"
 

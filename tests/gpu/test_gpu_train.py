@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from conftest import CONFIGS
-from diffusion.callbacks import FIDEvaluation
+from diffusion.callbacks import Evaluation
 from diffusion.cli import main
 from diffusion.data import DeviceBatches, DiffusionDataModule
 from diffusion.module import DiffusionModel
@@ -37,7 +37,7 @@ EVAL_SAMPLES = 300  # one batch of 256 and a last one of 44
 
 def features() -> list[str]:
     weights = fid_weights()
-    return ["--fid.weights_path", str(weights)] if weights else ["--fid.feature_extractor", "fid_helpers.TinyFeatures"]
+    return ["--evaluation.weights_path", str(weights)] if weights else ["--evaluation.feature_extractor", "fid_helpers.TinyFeatures"]
 
 
 def needs_inception():
@@ -76,10 +76,10 @@ def fitted(mnist_dir, tmp_path_factory):
     config = derived_config(root, "mnist.yaml", callbacks=RECORDERS)
     start = time.perf_counter()
     proc = cli("fit", "--config", config, "--data.init_args.data_dir", mnist_dir, "--trainer.default_root_dir", root,
-               "--trainer.max_steps", 50, "--fid.samplers", "[ddim10]", "--fid.num_samples", EVAL_SAMPLES,
-               "--fid.final_samplers", "[ddim10]", "--fid.num_real", 2048, *features(),
-               "--sample_grids.samplers", "[ddpm1000, ddim10, dpmpp2m10]",
-               "--sample_grids.num_images", 4)
+               "--trainer.max_steps", 50, "--evaluation.samplers", "[ddim10]", "--evaluation.num_samples", EVAL_SAMPLES,
+               "--evaluation.final_samplers", "[ddim10]", "--evaluation.num_real", 2048, *features(),
+               "--evaluation.grid_samplers", "[ddpm1000, ddim10, dpmpp2m10]",
+               "--evaluation.grid_images", 4)
     (ckpt,) = root.rglob("checkpoints/last.ckpt")
     return SimpleNamespace(root=root, proc=proc, ckpt=ckpt, seconds=time.perf_counter() - start)
 
@@ -112,15 +112,15 @@ def test_epoch_end_fid_on_the_gpu(fitted, mnist_dir, record_property):
     record_property("epoch_end_fid_ddim10_after_50_steps", rows[0]["fid/ddim10"])
     # The GPU's Inception features (cuDNN, channels-last, TF32 convolutions, under the training's bf16 autocast)
     # against the CPU's fp32 ones for the same 32 MNIST images: a wrong layout, scaling or dtype is far off.
-    from diffusion import fid_stats
+    from diffusion import fid_score
 
     dm = DiffusionDataModule("mnist", data_dir=str(mnist_dir), num_workers=0)
     images = torch.stack([dm.reference_set("train")[i][0] for i in range(32)])
     sums = {}
     for device in ("cpu", "cuda"):
-        metric = fid_stats.make_fid(weights_path=str(weights)).to(device)
+        metric = fid_score.make_fid(weights_path=str(weights)).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            fid_stats.update_metric(metric, images.to(device), real=True)
+            fid_score.update_metric(metric, images.to(device), real=True)
         sums[device] = metric.real_features_sum.double().cpu()
     relative = float((sums["cuda"] - sums["cpu"]).norm() / sums["cpu"].norm())
     record_property("inception_gpu_vs_cpu_relative_error", relative)
@@ -166,8 +166,8 @@ def test_test_subcommand_prints_the_fid_table_with_its_floor(fitted, mnist_dir, 
     weights = needs_inception()
     main(["test", "--config", str(MNIST), "--ckpt_path", str(fitted.ckpt), "--trainer.logger", "false",
           "--trainer.default_root_dir", str(tmp_path),
-          "--data.init_args.data_dir", str(mnist_dir), "--fid.weights_path", str(weights), "--fid.test_samplers",
-          "[ddim10]", "--fid.test_num_samples", str(EVAL_SAMPLES), "--fid.num_real", "2048",
+          "--data.init_args.data_dir", str(mnist_dir), "--evaluation.weights_path", str(weights), "--evaluation.test_samplers",
+          "[ddim10]", "--evaluation.test_num_samples", str(EVAL_SAMPLES), "--evaluation.num_real", "2048",
           "--trainer.limit_test_batches", "4"])
     out = capsys.readouterr().out
     fid = re.search(r"^ddim\s+10\s+([\d.]+)", out, re.M)
@@ -181,8 +181,8 @@ def test_test_subcommand_prints_the_fid_table_with_its_floor(fitted, mnist_dir, 
 
 
 def fid_batch_size(config) -> int:
-    fid = yaml.safe_load(config.read_text()).get("fid") or {}
-    return int(fid.get("batch_size", inspect.signature(FIDEvaluation).parameters["batch_size"].default))
+    fid = yaml.safe_load(config.read_text()).get("evaluation") or {}
+    return int(fid.get("batch_size", inspect.signature(Evaluation).parameters["batch_size"].default))
 
 
 def test_peak_memory_of_ddpm1000_sampling_at_the_configured_batch(fitted, record_property):
@@ -211,9 +211,9 @@ def test_peak_memory_of_ddpm1000_sampling_at_the_configured_batch(fitted, record
 def test_mnist_cfg_guidance_runs_twice_the_batch_through_cuda_graphs(mnist_dir, tmp_path, record_property):
     config = derived_config(tmp_path, "mnist_cfg.yaml", callbacks=RECORDERS)
     proc = cli("fit", "--config", config, "--data.init_args.data_dir", mnist_dir, "--trainer.default_root_dir", tmp_path,
-               "--trainer.max_steps", 20, "--fid.samplers", "[ddim10@w1, dpmpp2m10@w2]", "--fid.num_samples",
-               EVAL_SAMPLES, "--fid.num_real", 1024, "--fid.feature_extractor", "fid_helpers.TinyFeatures",
-               "--sample_grids.samplers", "[dpmpp2m10@w0, dpmpp2m10@w2]", "--sample_grids.num_images", 4,
+               "--trainer.max_steps", 20, "--evaluation.samplers", "[ddim10@w1, dpmpp2m10@w2]", "--evaluation.num_samples",
+               EVAL_SAMPLES, "--evaluation.num_real", 1024, "--evaluation.feature_extractor", "fid_helpers.TinyFeatures",
+               "--evaluation.grid_samplers", "[dpmpp2m10@w0, dpmpp2m10@w2]", "--evaluation.grid_images", 4,
                "--diagnostics.grad_every_n_steps", 10)
     assert FALLBACK not in proc.stderr, proc.stderr[-3000:]
     switches = assert_switches_on(tmp_path, 20)
