@@ -195,7 +195,7 @@ class DiffusionDataModule(LightningDataModule):
     def _split(self, train: bool, random_flip: bool) -> Dataset:
         if self.dataset == "folder":
             if self._folder is None:
-                self._folder = find_images(self.data_dir, self.skip_bad_images)
+                self._folder = find_images(self.data_dir, self.skip_bad_images, self.channels)
             files, labels, self.classes = self._folder
             return FolderImages(files, labels, self.image_size, self.channels, random_flip)
         images, labels = self._load_arrays(train)

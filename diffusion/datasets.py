@@ -92,35 +92,59 @@ def load_cifar10(data_dir: Path, train: bool) -> tuple[Tensor, Tensor]:
     return torch.cat(images), torch.cat(labels)
 
 
-def image_problem(path: Path) -> Optional[str]:
+def image_problem(path: Path, modes: Optional[dict] = None) -> Optional[str]:
     """Why PIL cannot read ``path``, or None. Reads the header and walks the file's structure (``verify``: PNG
-    chunks and their checksums, so a truncated file is caught too) without decoding the pixels."""
+    chunks and their checksums, so a truncated file is caught too) without decoding the pixels. ``modes``: where
+    to record the file's PIL mode (``L``, ``RGB``, ...), read from the same header."""
     try:
         with Image.open(path) as img:
+            if modes is not None:
+                modes[path] = img.mode
             img.verify()
     except Exception as e:  # PIL raises many types for broken files: SyntaxError, OSError, struct.error, ...
         return f"{type(e).__name__}: {e}"
     return None
 
 
-def unreadable_images(files: list[Path], workers: int = 8) -> dict[Path, str]:
-    """The files of ``files`` that PIL cannot read, with the reason. Threads, because on network storage the
-    check waits on the file system rather than on the CPU."""
+COLOUR_MODES = ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def check_folder_channels(root: Path, files: list[Path], modes: dict, channels: int, looked_at: int = 16) -> None:
+    """Refuse, in one line naming both, colour images under a 1-channel config: they would be trained in grey
+    without a word. Colour-mode files whose pixels are all grey (R = G = B, common for scanned or exported grey
+    images) are not colour; the first ``looked_at`` colour-mode files are decoded to tell."""
+    if channels != 1:
+        return  # grey images under a 3-channel config are repeated across R, G and B: nothing is lost
+    for path in [p for p in files if modes.get(p) in COLOUR_MODES][:looked_at]:
+        with Image.open(path) as img:
+            rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+        if (rgb.max(axis=2) - rgb.min(axis=2)).max() > 2:  # a JPEG's rounding leaves grey at +-1
+            raise ConfigError(
+                f"The images under {root} are in colour ({path} is {modes[path]}), but data.channels is 1, which "
+                "would train them in grey: set --data.init_args.channels 3 (the network follows it), or convert "
+                "the images to grayscale first."
+            )
+
+
+def unreadable_images(files: list[Path], workers: int = 8, modes: Optional[dict] = None) -> dict[Path, str]:
+    """The files of ``files`` that PIL cannot read, with the reason (and each file's mode into ``modes``). Threads,
+    because on network storage the check waits on the file system rather than on the CPU."""
 
     def check(chunk: list[Path]) -> list[tuple[Path, Optional[str]]]:
-        return [(p, image_problem(p)) for p in chunk]
+        return [(p, image_problem(p, modes)) for p in chunk]
 
     chunks = [files[i : i + 256] for i in range(0, len(files), 256)]
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(chunks)))) as pool:
         return {p: why for results in pool.map(check, chunks) for p, why in results if why is not None}
 
 
-def find_images(root: Path, skip_bad: bool = False) -> tuple[list[Path], list[int], list[str]]:
+def find_images(root: Path, skip_bad: bool = False, channels: Optional[int] = None) -> tuple[list[Path], list[int], list[str]]:
     """Image files under ``root``; one class per sub-folder (all 0 when the images sit in ``root`` itself).
 
     Every file is checked now (``image_problem``), so that a corrupt image stops the run before training rather
     than when the loader reaches it, hours in: all bad files are reported at once, or with ``skip_bad`` left
-    out with one warning.
+    out with one warning. With ``channels``, colour images under a 1-channel config are refused
+    (``check_folder_channels``).
     """
     if not root.is_dir():
         raise DataError(f"Image folder {root} does not exist: set --data.data_dir to a folder of images.")
@@ -131,7 +155,8 @@ def find_images(root: Path, skip_bad: bool = False) -> tuple[list[Path], list[in
             "or point --data.data_dir at the right folder."
         )
     start = time.perf_counter()
-    bad = unreadable_images(files)
+    modes: dict[Path, str] = {}
+    bad = unreadable_images(files, modes=modes)
     rank_zero_info(f"Checked {len(files)} images under {root} in {time.perf_counter() - start:.1f} s.")
     if bad:
         shown = 20
@@ -147,6 +172,8 @@ def find_images(root: Path, skip_bad: bool = False) -> tuple[list[Path], list[in
             )
         rank_zero_warn(summary + "Training without them (skip_bad_images: true).", category=UserWarning)
         files = [p for p in files if p not in bad]
+    if channels is not None:
+        check_folder_channels(root, files, modes, channels)
     classes = sorted({p.parent.relative_to(root).parts[0] if p.parent != root else "" for p in files})
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[p.parent.relative_to(root).parts[0] if p.parent != root else ""] for p in files]

@@ -98,9 +98,23 @@ def test_folder_of_images_is_resized_cropped_and_labelled(tmp_path):
     assert dm.classes == ["cats", "dogs"]
     xs, ys = zip(*(dm.train_set[i] for i in range(len(dm.train_set))))
     assert all(x.shape == (3, 16, 16) for x in xs) and sorted(int(y) for y in ys) == [0, 0, 0, 1, 1, 1]
-    gray = DiffusionDataModule("folder", data_dir=str(tmp_path), image_size=8, channels=1, val_fraction=0.0, num_workers=0)
-    gray.setup()
-    assert gray.train_set[0][0].shape == (1, 8, 8)
+
+
+def test_colour_images_under_a_one_channel_config_are_refused_in_one_line(tmp_path):
+    """Colour under `channels: 1` would be trained in grey without a word; grey images saved as RGB are grey."""
+    make_folder(tmp_path / "colour")
+    gray = DiffusionDataModule("folder", data_dir=str(tmp_path / "colour"), image_size=8, channels=1, val_fraction=0.0,
+                               num_workers=0)
+    with pytest.raises(ConfigError, match=r"in colour \(.*\.png is RGB\), but data.channels is 1.*--data.init_args.channels 3"):
+        gray.setup()
+    (tmp_path / "grey").mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (90 + i, 90 + i, 90 + i)).save(tmp_path / "grey" / f"{i}.png")
+    Image.new("L", (20, 20), 30).save(tmp_path / "grey" / "3.png")
+    grey = DiffusionDataModule("folder", data_dir=str(tmp_path / "grey"), image_size=8, channels=1, val_fraction=0.0,
+                               num_workers=0)
+    grey.setup()
+    assert grey.train_set[0][0].shape == (1, 8, 8)
 
 
 def test_folder_errors_name_the_problem(tmp_path):
