@@ -1,12 +1,14 @@
-"""Command line: LightningCLI with ``fit``, ``validate``, ``test``, ``predict`` and our ``sample``.
+"""Command line: LightningCLI with ``fit``, ``validate``, ``test``, ``predict`` and our ``sample`` and ``export``.
 
     python -m diffusion fit --config configs/mnist.yaml
     python -m diffusion sample --config configs/mnist.yaml --ckpt_path CKPT --out samples.png
+    python -m diffusion export --config configs/mnist.yaml --ckpt_path CKPT --out my-model
 """
 
 from __future__ import annotations
 
 import os
+import time
 import sys
 from pathlib import Path
 from typing import Optional, Union
@@ -29,6 +31,7 @@ from diffusion.callbacks.wiring import wire
 from diffusion.checkpoint_io import storage_error
 from diffusion.checks import check
 from diffusion.data import DiffusionDataModule
+from diffusion.export import export_model
 from diffusion.generate import generate_images
 from diffusion.lock import lock_run, release_run
 from diffusion.checkpoints import load_weights, read_checkpoint, refuse_old_layout, unreadable_checkpoint
@@ -38,10 +41,11 @@ from diffusion import teacher as teacher_checkpoint
 from diffusion.errors import CheckpointError, ConfigError, EvaluationStopped, find_user_error
 from diffusion.progress import close_open_bars, progress_bars
 from diffusion.runs import (
-    SaveAndLogConfig, config_name, cpu_has_native_bf16, launcher_job, left_checkpoint, new_run_id,
+    SaveAndLogConfig, config_name, cpu_has_native_bf16, launcher_job, left_checkpoint, new_run_id, newest_last_checkpoint,
     run_root, training_run_id,
 )
 
+OWN_SUBCOMMANDS = ("sample", "export")  # methods of DiffusionCLI, not of the Trainer
 OFFLINE_FLAGS = ("--trainer.logger.init_args.offline", "--trainer.logger.offline")  # see _wandb_mode
 # Keys of the weight groups that name a file, not a setting the weights depend on: a resumed distillation's teacher
 # may have moved. The callbacks check by fingerprint that the file holds the same teacher.
@@ -80,7 +84,7 @@ def check_path_options(config: Namespace, subcommand: Optional[str]) -> None:
             value = config.get(key)
         except (KeyError, AttributeError, TypeError):  # a group this config does not have
             continue
-        required = key == "ckpt_path" and subcommand == "sample"
+        required = key == "ckpt_path" and subcommand in OWN_SUBCOMMANDS
         if (value is None and required) or (value is not None and str(value).strip().lower() in ("", "none", "null")):
             shown = "null" if value is None or str(value).strip().lower() in ("none", "null") else "empty"
             raise ConfigError(f"{flag} is {shown}: pass {what}.")
@@ -132,14 +136,14 @@ class DiffusionCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "sample": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), **{name: {"model", "datamodule"} for name in OWN_SUBCOMMANDS}}
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
-        # LightningCLI looks every subcommand up on the Trainer; `sample` is a method of this class instead.
+        # LightningCLI looks every subcommand up on the Trainer; `sample` and `export` are methods of this class.
         self._subcommand_parsers = {}
         subcommands = parser.add_subcommands()
         for name in self.subcommands():
-            klass = type(self) if name == "sample" else self.trainer_class
+            klass = type(self) if name in OWN_SUBCOMMANDS else self.trainer_class
             description = (getattr(klass, name).__doc__ or "").strip().split("\n")[0]
             sub_kwargs = {"description": description, **kwargs.get(name, {})}
             sub_parser = self._prepare_subcommand_parser(klass, name, **sub_kwargs)
@@ -157,6 +161,8 @@ class DiffusionCLI(LightningCLI):
         # make a bad file say so, keep this run's speed switches, and give explicit --model arguments back their
         # say where the weights allow.
         subcommand = self.config.get("subcommand")
+        if subcommand and str(self.config[subcommand].get("ckpt_path") or "") == "last":
+            self._resolve_last(self.config[subcommand])
         check_path_options(self.config[subcommand] if subcommand else self.config, subcommand)
         given = self.config[subcommand].clone() if subcommand else None
         ckpt_path = given.get("ckpt_path") if given is not None else None
@@ -178,6 +184,19 @@ class DiffusionCLI(LightningCLI):
                 if given.get(key, None) != config.get(key, None):
                     config[key] = given.get(key, None)
             self._apply_command_line_model_args(given, config)
+
+    @staticmethod
+    def _resolve_last(config: Namespace) -> None:
+        """``--ckpt_path last``, as Lightning users write it: here each run has its own folder, so Lightning's own
+        ``last`` (the current run's checkpoint folder) would find nothing; this recipe's newest run's last.ckpt."""
+        path = newest_last_checkpoint(run_root(config))
+        config.ckpt_path = str(path)
+        try:
+            step = read_checkpoint(path, mmap=True).get("global_step")
+        except CheckpointError:
+            step = None  # the reading that follows says what is wrong with the file
+        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+        rank_zero_info(f"--ckpt_path last: {path} (step {step}, written {written}), the newest run of this recipe.")
 
     def _apply_command_line_model_args(self, given: Namespace, config: Namespace) -> None:
         """Command-line ``--model...`` values over the checkpoint's, except those its weights depend on, which are
@@ -215,9 +234,9 @@ class DiffusionCLI(LightningCLI):
                 return super()._run_subcommand(subcommand)
             finally:
                 release_run(self.run_dir)  # taken in before_fit
-        if subcommand != "sample":
+        if subcommand not in OWN_SUBCOMMANDS:
             return super()._run_subcommand(subcommand)
-        self.sample(**self._prepare_subcommand_kwargs(subcommand))
+        getattr(self, subcommand)(**self._prepare_subcommand_kwargs(subcommand))
 
     def _test_post_hoc_ema(self, ema_length: float) -> None:
         """``test --ema_length``: the weights are rebuilt here and tested as they are; the Trainer would load the
@@ -385,6 +404,22 @@ class DiffusionCLI(LightningCLI):
         return generate_images(model, device=self.trainer.strategy.root_device,
                                precision=self.trainer.precision_plugin.forward_context,
                                bars=progress_bars(self.trainer), **options)
+
+
+    def export(self, model: LightningModule, datamodule: Optional[LightningDataModule] = None, ckpt_path: str = "",
+               out: str = "exported", ema_length: Optional[float] = None, push_to_hub: Optional[str] = None) -> Path:
+        """Export a checkpoint's EMA weights as a folder that loads anywhere: model.safetensors, config.json, a model card.
+
+        Args:
+            ckpt_path: the checkpoint written by ``fit`` (or ``last``: this recipe's newest).
+            out: the folder to write (``DiffusionModel.from_pretrained(out)`` reads it).
+            ema_length: export the post-hoc EMA of this length (sigma_rel) rebuilt from the checkpoint's profiles.
+            push_to_hub: also upload the folder to this Hugging Face Hub model repository (``user/name``).
+        """
+        folder = export_model(model, ckpt_path, out, ema_length=ema_length, push_to_hub=push_to_hub)
+        rank_zero_info(f"Exported {ckpt_path} to {folder}: load it with DiffusionModel.from_pretrained({str(folder)!r})"
+                       + (f"; uploaded to https://huggingface.co/{push_to_hub}" if push_to_hub else "") + ".")
+        return folder
 
 
 def main(args=None) -> None:

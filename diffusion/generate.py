@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -38,26 +39,76 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: Optional[int] = None
     return path
 
 
+def output_kind(path: Path) -> str:
+    """What ``--out`` asks for: ``folder`` (an existing folder, or a path without a suffix: one PNG per image),
+    ``npz`` (the samples as one array, the format of OpenAI's guided-diffusion evaluator) or ``grid`` (a PNG)."""
+    if path.is_dir() or not path.suffix:
+        return "folder"
+    return "npz" if path.suffix.lower() == ".npz" else "grid"
+
+
 def check_output_path(out: str | Path) -> Path:
-    """``out`` as a path the sample grid can be written to; checked before sampling, which can take minutes."""
+    """``out`` as a path the samples can be written to; checked before sampling, which can take minutes."""
     path = Path(out).expanduser()
-    if path.is_dir():
-        raise ConfigError(f"--out {path} is a folder: give a file name, e.g. --out {path / 'samples.png'}.")
-    if path.suffix.lower() not in Image.registered_extensions():
+    kind = output_kind(path)
+    if kind == "grid" and path.suffix.lower() not in Image.registered_extensions():
         raise ConfigError(
-            f"--out {path}: PIL cannot tell an image format from {path.suffix or 'no extension'!r}; end it in .png."
+            f"--out {path}: PIL cannot tell an image format from {path.suffix!r}; end it in .png (a grid), .npz "
+            "(the samples as arrays), or give a folder (one PNG per image)."
         )
-    fix = "Pass --out a file in a folder that exists or can be created, and that you can write to."
+    fix = "Pass --out a path in a folder that exists or can be created, and that you can write to."
+    folder = path if kind == "folder" else path.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
         reason = f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
         raise ConfigError(f"Cannot write samples to {path} ({reason}). {fix}") from e
-    if path.exists() and not os.access(path, os.W_OK):
+    if kind != "folder" and path.exists() and not os.access(path, os.W_OK):
         raise ConfigError(f"Cannot write samples to {path}: the file is read-only. {fix}")
     return path
+
+
+class SampleWriter:
+    """Where ``generate_images`` puts its batches, as they come: one PNG per image in a folder (named by index,
+    with ``samples.json`` beside them: the checkpoint, sampler, seed, labels), or, for the npz and the grid, the
+    batches as uint8 (a 50,000-image CIFAR-10 npz is 150 MB) or floats (a grid is a few hundred images at most)."""
+
+    def __init__(self, path: Path, kind: str, save_npz: bool, nrow: Optional[int], meta: dict) -> None:
+        self.path, self.kind, self.save_npz, self.nrow, self.meta = path, kind, save_npz, nrow, meta
+        self.count = 0
+        self.uint8: list[np.ndarray] = []
+        self.floats: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def add(self, images: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
+        if labels is not None:
+            self.labels.append(labels.cpu())
+        if self.kind == "folder":
+            for i, image in enumerate(to_uint8(images).permute(0, 2, 3, 1).numpy()):
+                Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(self.path / f"{self.count + i:06d}.png")
+        if self.kind == "npz" or self.save_npz:
+            self.uint8.append(to_uint8(images).permute(0, 2, 3, 1).numpy())
+        if self.kind == "grid":
+            self.floats.append(images)
+        self.count += images.shape[0]
+
+    def _npz(self, path: Path) -> None:
+        # arr_0 (and arr_1, the labels) as OpenAI's evaluator reads them: np.savez's own names for positional arrays.
+        arrays = [np.concatenate(self.uint8)] + ([torch.cat(self.labels).numpy()] if self.labels else [])
+        np.savez(path, *arrays)
+
+    def close(self) -> Path:
+        if self.kind == "folder":
+            (self.path / "samples.json").write_text(json.dumps({**self.meta, "num_samples": self.count}, indent=2) + "\n")
+        elif self.kind == "npz":
+            self._npz(self.path)
+        else:
+            save_grid(torch.cat(self.floats), self.path, nrow=self.nrow)
+        if self.save_npz and self.kind != "npz":
+            self._npz(self.path / "samples.npz" if self.kind == "folder" else self.path.with_suffix(".npz"))
+        return self.path
 
 
 def interpolation_noise(model: DiffusionModel, num: int, sampler, eta, seed: int, class_label,
@@ -106,7 +157,7 @@ def generate_images(
     precision: Callable[[], ContextManager] = nullcontext,
     bars: Optional[Factory] = None,
 ) -> Path:
-    """Generate images from a checkpoint's EMA weights and write them as a PNG grid.
+    """Generate images from a checkpoint's EMA weights and write them as a PNG grid, an npz or a folder of PNGs.
 
     Args:
         ckpt_path: checkpoint written by ``fit`` (its ``state_dict`` holds the EMA weights).
@@ -117,8 +168,12 @@ def generate_images(
         num_samples: images to generate.
         batch_size: images per forward pass.
         seed: seeds a CPU ``torch.Generator``: the same seed gives the same images.
-        out: PNG file for the grid.
-        save_npz: also write the images as uint8 [N, H, W, C] to ``out`` with suffix ``.npz``.
+        out: a ``.png`` for a grid; a ``.npz`` for the samples as one uint8 array ``arr_0`` [N, H, W, C] (the
+            labels of a class-conditional model as ``arr_1``), the format OpenAI's evaluator reads; a folder (an
+            existing one, or a path without a suffix) for one PNG per image, ``000000.png``..., with
+            ``samples.json`` (checkpoint, sampler, steps, seed, guidance) beside them, the input of
+            torch-fidelity or clean-fid. The batches go to disk as they are sampled.
+        save_npz: also write the images as that npz beside the grid (``.npz`` suffix) or in the folder.
         class_label: a class-conditional model: generate this class only. Without it, the grid has one row
             per class (num_samples is rounded up to a multiple of the number of classes).
         guidance: classifier-free guidance scale w (default: the model's ``sampling.guidance``; 0: the plain
@@ -165,19 +220,22 @@ def generate_images(
     model.apply_memory_format(device)  # no Trainer hook runs here to do it (channels_last: on on a GPU)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    chunks = []
-    desc = f"Sampling {num_samples} images with {sampler or model.sampling.sampler}"
+    name = sampler or model.sampling.sampler
+    meta = {"checkpoint": str(ckpt_path), "sampler": name, "steps": steps or model.default_steps(name),
+            "eta": model.sampling.eta if eta is None else eta, "seed": seed, "batch_size": batch_size,
+            "guidance": (model.sampling.guidance if guidance is None else guidance) if num_classes else None,
+            "ema_length": ema_length, "class_label": class_label,
+            "labels": None if labels is None else "class i // per_class" if class_label is None else class_label}
+    writer = SampleWriter(out, output_kind(out), save_npz, nrow, meta)
+    desc = f"Sampling {num_samples} images with {name}"
     with precision(), StepProgress(bars or progress_bars(), math.ceil(num_samples / batch_size), desc) as progress:
         for begin in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - begin)
             y = None if labels is None else labels[begin : begin + n]
             x = None if x_T is None else x_T[begin : begin + n]
-            chunks.append(model.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                                       x_T=x, labels=y, guidance=guidance, progress=progress).cpu())
-    images = torch.cat(chunks)
+            writer.add(model.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator,
+                                    x_T=x, labels=y, guidance=guidance, progress=progress).cpu(), y)
+    path = writer.close()
     seconds = time.perf_counter() - start
-    path = save_grid(images, out, nrow=nrow)
-    if save_npz:
-        np.savez_compressed(path.with_suffix(".npz"), images=to_uint8(images).permute(0, 2, 3, 1).numpy())
     rank_zero_info(f"Wrote {num_samples} samples to {path} in {seconds:.1f} s ({num_samples / seconds:.1f} images/s).")
     return path

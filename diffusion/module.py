@@ -26,6 +26,7 @@ from diffusion.seeding import derive_seed
 from diffusion.objective import ConsistencyTuning, Objective, ProgressiveDistillation
 from diffusion.optim import Optimization
 from diffusion.checkpoints import check_state, refuse_old_layout
+from diffusion.pretrained import load_pretrained
 from diffusion.checks import check, check_options
 from diffusion.samplers import SamplingDefaults, sampler as sampler_record
 from diffusion.speed import FastNet, SpeedSwitches
@@ -291,6 +292,12 @@ class DiffusionModel(LightningModule):
                     ": resume with the config it was trained with (config.yaml in its run directory), or start a new run.")
 
     @classmethod
+    def from_pretrained(cls, folder, device: torch.device | str = "cpu") -> "DiffusionModel":
+        """The model ``python -m diffusion export`` wrote to ``folder`` (or a Hugging Face Hub repo id of one), in
+        eval mode on ``device``: ``from_pretrained(folder).sample(16, seed=0)``."""
+        return load_pretrained(cls, folder, device)
+
+    @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         # Before Lightning, which drops hparams the signature does not name: a 0.1 checkpoint would load silently
         # with the default objective.
@@ -325,8 +332,7 @@ class DiffusionModel(LightningModule):
         check_options(eta=eta, seed=seed, **({"num_samples": num_samples} if x_T is None else {}))
         sampler = self.sampling.sampler if sampler is None else sampler
         record = sampler_record(sampler)
-        T = self.objective.num_timesteps
-        steps = (T if record.all_timesteps else self.sampling.steps) if steps is None else steps
+        steps = self.default_steps(sampler) if steps is None else steps
         timesteps = record.timesteps(self.schedule, steps)
         if record.takes_eta:
             options.setdefault("eta", self.sampling.eta if eta is None else eta)
@@ -345,6 +351,11 @@ class DiffusionModel(LightningModule):
             return record.fn(denoiser, self.schedule, x_T, timesteps, generator, **options).clamp(-1, 1)
         finally:
             self.train(was_training)
+
+    def default_steps(self, sampler: Optional[str] = None) -> int:
+        """The steps ``sample`` takes when not told: all T for a sampler that takes all, else ``sampling.steps``."""
+        record = sampler_record(self.sampling.sampler if sampler is None else sampler)
+        return self.objective.num_timesteps if record.all_timesteps else self.sampling.steps
 
     def check_sampling(self, sampler: Optional[str], steps: Optional[int]) -> None:
         """Refuse, in one line with the fix, to sample a few-step student other than as it was trained: a

@@ -166,6 +166,17 @@ def left_checkpoint(run_dir: Path) -> Optional[Path]:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+def newest_last_checkpoint(root: Path) -> Path:
+    """``--ckpt_path last``: the newest ``<root>/<run id>/checkpoints/last.ckpt`` (by the time it was written), the
+    run this recipe trained last; one line when there is none."""
+    found = [p for p in Path(root).glob("*/checkpoints/last.ckpt") if p.is_file()]
+    if not found:
+        raise CheckpointError(
+            f"--ckpt_path last: no run of this recipe has a checkpoint (nothing matches {Path(root) / '*' / 'checkpoints' / 'last.ckpt'}): "
+            "train one with `fit` first, or pass the path of a checkpoint.")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
 def training_run_id(ckpt_path: Optional[str | Path]) -> Optional[str]:
     """The id of the run that wrote a checkpoint: recorded in it by ``WandbDashboard``, else read from the run
     folder it sits in (``<root>/<run id>/checkpoints/x.ckpt`` beside ``config.yaml``); None for another file."""

@@ -107,3 +107,38 @@ class SigtermOnFirstCall(TinyFeatures):
             SigtermOnFirstCall.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
         return super().forward(x)
+
+
+def torch_fidelity_tiny_extractor() -> str:
+    """TinyFeatures registered with torch-fidelity (which would download its Inception), under the name returned."""
+    from torch_fidelity import register_feature_extractor
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    class TinyFidelityFeatures(FeatureExtractorBase):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("features",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "features"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return None
+
+        def forward(self, x):
+            return (TinyFeatures()(x).double(),)
+
+    name = "diffusion-tests-tiny"
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(name, TinyFidelityFeatures)
+    return name

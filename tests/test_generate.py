@@ -1,5 +1,7 @@
 """`sample`'s work without the command line or a Trainer: generate_images from a model and a checkpoint."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from PIL import Image
 
 from diffusion.errors import ConfigError
 from diffusion.fid_score import to_uint8
-from diffusion.generate import generate_images, interpolation_noise, save_grid
+from diffusion.generate import check_output_path, generate_images, interpolation_noise, save_grid
 from diffusion.module import DiffusionModel
 from diffusion.objective import Objective
 from diffusion.unet import UNet
@@ -30,7 +32,7 @@ def test_generate_images_samples_the_checkpoints_weights(tmp_path):
     save_grid(expected, tmp_path / "expected.png")
     assert path == tmp_path / "s.png"
     assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(tmp_path / "expected.png")))
-    npz = np.load(tmp_path / "s.npz")["images"]
+    npz = np.load(tmp_path / "s.npz")["arr_0"]
     assert npz.shape == (4, 8, 8, 1) and np.array_equal(npz, to_uint8(expected).permute(0, 2, 3, 1).numpy())
 
 
@@ -45,3 +47,63 @@ def test_interpolation_noise_is_one_strip_per_class_from_the_same_two_noises():
     assert torch.equal(one, strip[:4]) and labels.tolist() == [2] * 4
     with pytest.raises(ConfigError, match="ddim' with eta=0.5 adds fresh noise"):
         interpolation_noise(model, 4, "ddim", 0.5, 5, None)
+
+
+def test_samples_as_a_folder_of_pngs_and_as_the_evaluators_npz(tmp_path):
+    """A folder: one PNG per image, named by index, with what made them beside; an npz: arr_0 (uint8 NHWC) and
+    the labels as arr_1. Both are the images of the grid, batch by batch, bit for bit."""
+    trained = tiny_model(0, num_classes=2).eval()
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": trained.state_dict()}, ckpt)
+    common = dict(sampler="ddim", steps=2, num_samples=6, batch_size=4, seed=3)
+    folder = generate_images(tiny_model(1, num_classes=2), str(ckpt), out=str(tmp_path / "pngs"), **common)
+    assert folder == tmp_path / "pngs" and sorted(p.name for p in folder.glob("*.png")) == [f"{i:06d}.png" for i in range(6)]
+    meta = json.loads((folder / "samples.json").read_text())
+    assert meta["sampler"] == "ddim" and meta["steps"] == 2 and meta["seed"] == 3 and meta["num_samples"] == 6
+    assert meta["checkpoint"] == str(ckpt) and meta["guidance"] == 0.0
+    npz_path = generate_images(tiny_model(1, num_classes=2), str(ckpt), out=str(tmp_path / "s.npz"), **common)
+    with np.load(npz_path) as npz:
+        assert sorted(npz.files) == ["arr_0", "arr_1"]
+        images, labels = npz["arr_0"], npz["arr_1"]
+    assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]  # a row per class: the grid's order
+    pngs = np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")) for i in range(6)])
+    assert np.array_equal(pngs, images[..., 0])
+    # The same images as one pass over the checkpoint's weights with that seed (batches of 4 and 2).
+    g = torch.Generator().manual_seed(3)
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    expected = torch.cat([trained.sample(4, sampler="ddim", steps=2, generator=g, labels=y[:4]),
+                          trained.sample(2, sampler="ddim", steps=2, generator=g, labels=y[4:])])
+    assert np.array_equal(images, to_uint8(expected).permute(0, 2, 3, 1).numpy())
+
+
+def test_output_kinds_are_told_apart_and_checked_before_sampling(tmp_path):
+    assert check_output_path(tmp_path) == tmp_path  # an existing folder: PNGs in it
+    assert check_output_path(tmp_path / "new" / "pngs").is_dir()  # no suffix: a folder, made now
+    assert check_output_path(tmp_path / "a.npz") == tmp_path / "a.npz"
+    with pytest.raises(ConfigError, match="cannot tell an image format from '.xyz'"):
+        check_output_path(tmp_path / "a.xyz")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConfigError, match="Cannot write samples to"):
+        check_output_path(tmp_path / "file" / "pngs")
+
+
+def test_a_folder_of_samples_is_what_torch_fidelity_scores(tmp_path):
+    """torch-fidelity reads the folder `sample --out DIR` writes (its own image loader), here with a small
+    registered feature extractor instead of its Inception, which it would download."""
+    torch_fidelity = pytest.importorskip("torch_fidelity")
+    from fid_helpers import torch_fidelity_tiny_extractor
+
+    trained = tiny_model(0).eval()
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": trained.state_dict()}, ckpt)
+    a = generate_images(tiny_model(1), str(ckpt), sampler="ddim", steps=2, num_samples=40, seed=0, out=str(tmp_path / "a"))
+    b = generate_images(tiny_model(1), str(ckpt), sampler="ddim", steps=2, num_samples=40, seed=1, out=str(tmp_path / "b"))
+    name = torch_fidelity_tiny_extractor()
+    metrics = torch_fidelity.calculate_metrics(input1=str(a), input2=str(b), fid=True, feature_extractor=name,
+                                               feature_layer_fid="features", cuda=False, verbose=False,
+                                               save_cpu_ram=True, cache=False)
+    assert metrics["frechet_inception_distance"] >= 0 and np.isfinite(metrics["frechet_inception_distance"])
+    same = torch_fidelity.calculate_metrics(input1=str(a), input2=str(a), fid=True, feature_extractor=name,
+                                            feature_layer_fid="features", cuda=False, verbose=False, cache=False)
+    assert same["frechet_inception_distance"] == pytest.approx(0.0, abs=1e-3)
