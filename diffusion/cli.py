@@ -45,7 +45,7 @@ from diffusion.runs import (
     run_root, training_run_id,
 )
 
-OWN_SUBCOMMANDS = ("sample", "export")  # methods of DiffusionCLI, not of the Trainer
+OWN_SUBCOMMANDS = ("sample", "export", "fid")  # methods of DiffusionCLI, not of the Trainer
 OFFLINE_FLAGS = ("--trainer.logger.init_args.offline", "--trainer.logger.offline")  # see _wandb_mode
 # Keys of the weight groups that name a file, not a setting the weights depend on: a resumed distillation's teacher
 # may have moved. The callbacks check by fingerprint that the file holds the same teacher.
@@ -84,7 +84,7 @@ def check_path_options(config: Namespace, subcommand: Optional[str]) -> None:
             value = config.get(key)
         except (KeyError, AttributeError, TypeError):  # a group this config does not have
             continue
-        required = key == "ckpt_path" and subcommand in OWN_SUBCOMMANDS
+        required = key == "ckpt_path" and subcommand in ("sample", "export")
         if (value is None and required) or (value is not None and str(value).strip().lower() in ("", "none", "null")):
             shown = "null" if value is None or str(value).strip().lower() in ("none", "null") else "empty"
             raise ConfigError(f"{flag} is {shown}: pass {what}.")
@@ -139,7 +139,7 @@ class DiffusionCLI(LightningCLI):
         return {**LightningCLI.subcommands(), **{name: {"model", "datamodule"} for name in OWN_SUBCOMMANDS}}
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
-        # LightningCLI looks every subcommand up on the Trainer; `sample` and `export` are methods of this class.
+        # LightningCLI looks every subcommand up on the Trainer; `sample`, `export` and `fid` are methods of this class.
         self._subcommand_parsers = {}
         subcommands = parser.add_subcommands()
         for name in self.subcommands():
@@ -420,6 +420,50 @@ class DiffusionCLI(LightningCLI):
         rank_zero_info(f"Exported {ckpt_path} to {folder}: load it with DiffusionModel.from_pretrained({str(folder)!r})"
                        + (f"; uploaded to https://huggingface.co/{push_to_hub}" if push_to_hub else "") + ".")
         return folder
+
+
+    def fid(self, model: LightningModule, datamodule: Optional[LightningDataModule] = None, samples: Optional[str] = None,
+            ckpt_path: Optional[str] = None, sampler: Optional[str] = None, steps: Optional[int] = None,
+            num_samples: int = 1000, seed: int = 0, batch_size: int = 256, num_real: Optional[int] = None,
+            kid: bool = True) -> dict:
+        """FID (and KID) to publish: torch-fidelity's, beside the project's own, of a folder, an npz or a checkpoint's samples.
+
+        Args:
+            samples: a folder of images, or an .npz with ``arr_0`` (uint8 N x H x W x C), e.g. what ``sample --out``
+                wrote; without it, ``num_samples`` are drawn from ``ckpt_path`` with ``sampler``, ``steps``, ``seed``.
+            ckpt_path: the checkpoint to sample (``last``: this recipe's newest).
+            num_real: training images of the statistics (default: the config's ``evaluation.num_real``, else all).
+            kid: also torch-fidelity's KID (unbiased at small sample sizes).
+        """
+        import tempfile
+
+        from diffusion.fidelity import load_samples, score_samples
+        from diffusion.report import format_table
+
+        if datamodule is None:
+            raise ConfigError("fid needs the data set the model was trained on: give the training config (--config).")
+        evaluation = self.config_init[self.subcommand].get("evaluation")
+        num_real = num_real if num_real is not None else getattr(evaluation, "num_real", None)
+        weights = getattr(evaluation, "weights_path", None)
+        if samples is None:
+            if not ckpt_path:
+                raise ConfigError("fid needs --samples (a folder or an npz) or --ckpt_path (a checkpoint to sample).")
+            with tempfile.TemporaryDirectory(prefix="diffusion-fid-") as tmp:
+                path = self.sample(model, datamodule, ckpt_path=ckpt_path, sampler=sampler, steps=steps,
+                                   num_samples=num_samples, seed=seed, batch_size=batch_size, out=f"{tmp}/samples.npz")
+                images = load_samples(path)
+        else:
+            images = load_samples(samples)
+        result = score_samples(images, datamodule, num_real=num_real, kid=kid, weights_path=weights,
+                               cache_dir=getattr(evaluation, "cache_dir", None),
+                               feature_extractor=getattr(evaluation, "feature_extractor", None),
+                               device=self.trainer.strategy.root_device)
+        rows = [["torch-fidelity (TF-exact resize): publish this", result["fid_torch_fidelity"],
+                 result.get("kid_torch_fidelity")], ["this project's (torchmetrics): compare runs", result["fid_project"], None]]
+        if self.trainer.is_global_zero:
+            print(format_table(["FID", "value", "KID"], rows,
+                               f"{result['num_samples']} samples against {result['num_real']} training images"), flush=True)
+        return result
 
 
 def main(args=None) -> None:

@@ -4,6 +4,7 @@ import re
 import shutil
 import sys
 import warnings
+import os
 from pathlib import Path
 
 import numpy as np
@@ -442,3 +443,14 @@ def test_export_from_the_command_line_loads_with_from_pretrained(fitted, tmp_pat
     model = DiffusionModel.from_pretrained(tmp_path / "export")
     images = model.sample(3, sampler="ddim", steps=4, seed=2)
     assert np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], to_uint8(images).permute(0, 2, 3, 1).numpy())
+
+
+def test_fid_subcommand_scores_a_checkpoints_samples_with_torch_fidelity_and_the_project(fitted, cli_ok, tmp_path):
+    weights = os.environ.get("DIFFUSION_FID_WEIGHTS")
+    if not weights or not Path(weights).is_file():
+        pytest.skip("torch-fidelity's Inception: set DIFFUSION_FID_WEIGHTS to pt_inception-2015-12-05-*.pth")
+    out, _ = cli_ok("fid", "--config", TINY, "--ckpt_path", last_ckpt(fitted), "--num_samples", 12, "--num_real", 24,
+                    "--sampler", "ddim", "--steps", 2, "--batch_size", 12, *TINY_FID, "--trainer.logger", "false")
+    assert "12 samples against 24 training images" in out
+    fidelity = next(line for line in out.splitlines() if line.startswith("torch-fidelity"))
+    assert float(fidelity.split()[-2]) > 0  # FID, then KID
