@@ -458,8 +458,9 @@ class DiffusionCLI(LightningCLI):
                                cache_dir=getattr(evaluation, "cache_dir", None),
                                feature_extractor=getattr(evaluation, "feature_extractor", None),
                                device=self.trainer.strategy.root_device)
-        rows = [["torch-fidelity (TF-exact resize): publish this", result["fid_torch_fidelity"],
-                 result.get("kid_torch_fidelity")], ["this project's (torchmetrics): compare runs", result["fid_project"], None]]
+        kid_text = (f"{result['kid_torch_fidelity']:.4f} +- {result['kid_std']:.4f}" if kid else None)
+        rows = [["torch-fidelity (TF-exact resize): publish this", result["fid_torch_fidelity"], kid_text],
+                ["this project's (torchmetrics): compare runs", result["fid_project"], None]]
         if self.trainer.is_global_zero:
             print(format_table(["FID", "value", "KID"], rows,
                                f"{result['num_samples']} samples against {result['num_real']} training images"), flush=True)

@@ -453,4 +453,4 @@ def test_fid_subcommand_scores_a_checkpoints_samples_with_torch_fidelity_and_the
                     "--sampler", "ddim", "--steps", 2, "--batch_size", 12, *TINY_FID, "--trainer.logger", "false")
     assert "12 samples against 24 training images" in out
     fidelity = next(line for line in out.splitlines() if line.startswith("torch-fidelity"))
-    assert float(fidelity.split()[-2]) > 0  # FID, then KID
+    assert float(fidelity.split()[-4]) > 0 and fidelity.split()[-2] == "+-"  # FID, then KID +- its std

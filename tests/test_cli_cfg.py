@@ -48,7 +48,7 @@ def test_sample_a_class_with_guidance_and_a_per_class_grid(fitted_cfg, tmp_path,
     assert code == 2 and "lie in [0, 9]" in err and "Traceback" not in err
     # The checkpoint's hyperparameters rebuild the conditional net even from the unconditional config.
     cli_ok("sample", "--config", TINY, "--ckpt_path", last_ckpt(fitted_cfg), "--out", tmp_path / "y.png", "--save_npz", True)
-    assert np.load(tmp_path / "y.npz")["images"].shape[0] == 70  # 64 rounded up to 7 per class
+    assert np.load(tmp_path / "y.npz")["arr_0"].shape[0] == 70  # 64 rounded up to 7 per class
     assert Image.open(tmp_path / "y.png").size == (7 * 28 + 8 * 2, 10 * 28 + 11 * 2)  # a row per class
 
 
@@ -57,7 +57,7 @@ def test_sample_interpolation_strips(fitted_cfg, tmp_path, cli_main, cli_ok):
     cli_ok(*common, "--interpolate", 4, "--out", tmp_path / "all.png")
     cli_ok(*common, "--interpolate", 4, "--class_label", 3, "--out", tmp_path / "three.png")
     assert Image.open(tmp_path / "all.png").size == (4 * 28 + 5 * 2, 10 * 28 + 11 * 2)  # a strip per class
-    every, three = np.load(tmp_path / "all.npz")["images"], np.load(tmp_path / "three.npz")["images"]
+    every, three = np.load(tmp_path / "all.npz")["arr_0"], np.load(tmp_path / "three.npz")["arr_0"]
     # The same two seeded noises under every class: class 3's row is the single-class strip.
     assert np.abs(every[12:16].astype(int) - three.astype(int)).max() <= 1
     assert np.abs(every[0].astype(int) - every[3].astype(int)).max() > 0  # the ends differ

@@ -150,7 +150,7 @@ def sample_cli(ckpt, out, compile_sampling: bool, *extra) -> np.ndarray:
     main(["sample", "--config", str(CONFIGS / "tiny.yaml"), "--ckpt_path", str(ckpt), "--trainer.logger", "false",
           "--sampler", "ddim", "--steps", "3", "--num_samples", "4", "--batch_size", "2", "--out", str(out),
           "--save_npz", "true", "--model.init_args.speed.compile_sampling", str(compile_sampling).lower(), *extra])
-    return np.load(out.with_suffix(".npz"))["images"]
+    return np.load(out.with_suffix(".npz"))["arr_0"]
 
 
 @pytest.mark.parametrize("where", ["compile", "forward"])

@@ -23,7 +23,8 @@ def imported_packages() -> set[str]:
 
 def test_every_imported_package_is_declared():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = {dep.split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip().lower() for dep in project["dependencies"]}
+    declared = {dep.split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip().lower().replace("_", "-")
+                for dep in project["dependencies"]}
     missing = {DISTRIBUTION.get(n, n).lower().replace("_", "-") for n in imported_packages()} - declared
     assert not missing, f"imported by diffusion/ but not in pyproject.toml's dependencies: {sorted(missing)}"
 

@@ -130,7 +130,7 @@ def test_epoch_end_fid_on_the_gpu(fitted, mnist_dir, record_property):
 def sample_npz(config, ckpt, out, *args) -> np.ndarray:
     main(["sample", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.logger", "false", "--seed", "0",
           "--trainer.default_root_dir", str(out.parent), "--out", str(out), "--save_npz", "true", *map(str, args)])
-    return np.load(out.with_suffix(".npz"))["images"]
+    return np.load(out.with_suffix(".npz"))["arr_0"]
 
 
 def compiled_eager_fp32(config, ckpt, folder, *args) -> dict:
