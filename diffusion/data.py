@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from diffusion.errors import ConfigError, DataError
 
 from diffusion.datasets import (
-    DATASETS, DATA_DIR_ENV, load_idx_dataset, load_cifar10, find_images, _to_unit_range, convert_channels, TensorImages, resize_images, FolderImages,
+    CLASS_NAMES, DATASETS, DATA_DIR_ENV, load_idx_dataset, load_cifar10, find_images, _to_unit_range, convert_channels, TensorImages, resize_images, FolderImages,
 )
 
 
@@ -200,7 +200,7 @@ class DiffusionDataModule(LightningDataModule):
             return FolderImages(files, labels, self.image_size, self.channels, random_flip)
         images, labels = self._load_arrays(train)
         if self.dataset == "cifar10":
-            self.classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+            self.classes = list(CLASS_NAMES["cifar10"])
         else:
             self.classes = [str(i) for i in range(int(labels.max()) + 1)]
         images = resize_images(convert_channels(images, self.channels), self.image_size)

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from diffusion.checkpoints import load_weights
 from diffusion.checks import check
+from diffusion.datasets import CLASS_NAMES
 from diffusion.errors import ConfigError, UserError
 from diffusion.generate import save_grid
 
@@ -53,12 +54,10 @@ def model_config(checkpoint: dict, model) -> dict[str, Any]:
 
 
 def class_names(data: dict, num_classes: int) -> Optional[list[str]]:
-    known = {"mnist": [str(i) for i in range(10)], "fashion_mnist": [
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
-        "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
+    """The classes' names of the built-in data sets (``datasets.CLASS_NAMES``), else their indices."""
     if not num_classes:
         return None
-    names = known.get(str(data.get("dataset")))
+    names = CLASS_NAMES.get(str(data.get("dataset")))
     return names[:num_classes] if names and len(names) >= num_classes else [str(i) for i in range(num_classes)]
 
 

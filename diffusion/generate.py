@@ -85,11 +85,13 @@ class SampleWriter:
     def add(self, images: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
         if labels is not None:
             self.labels.append(labels.cpu())
+        # uint8 [N, H, W, C], made once for the PNGs and the npz (a grid alone keeps the floats)
+        pixels = to_uint8(images).permute(0, 2, 3, 1).numpy() if self.kind != "grid" or self.save_npz else None
         if self.kind == "folder":
-            for i, image in enumerate(to_uint8(images).permute(0, 2, 3, 1).numpy()):
+            for i, image in enumerate(pixels):
                 Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(self.path / f"{self.count + i:06d}.png")
         if self.kind == "npz" or self.save_npz:
-            self.uint8.append(to_uint8(images).permute(0, 2, 3, 1).numpy())
+            self.uint8.append(pixels)
         if self.kind == "grid":
             self.floats.append(images)
         self.count += images.shape[0]
