@@ -1,4 +1,5 @@
-"""Command line: LightningCLI with ``fit``, ``validate``, ``test``, ``predict`` and our ``sample`` and ``export``.
+"""Command line: LightningCLI with ``fit``, ``validate``, ``test``, ``predict`` and our ``sample``, ``export`` and
+``fid``; ``sync`` (a run folder's W&B offline run uploaded, wherever it was moved) is outside LightningCLI.
 
     python -m diffusion fit --config configs/mnist.yaml
     python -m diffusion sample --config configs/mnist.yaml --ckpt_path CKPT --out samples.png
@@ -32,6 +33,7 @@ from diffusion.checkpoint_io import storage_error
 from diffusion.checks import check
 from diffusion.data import DiffusionDataModule
 from diffusion.export import export_model
+from diffusion.wandb_folder import keep_staging_in, sync_main
 from diffusion.generate import generate_images
 from diffusion.lock import lock_run, release_run
 from diffusion.checkpoints import load_weights, read_checkpoint, refuse_old_layout, unreadable_checkpoint
@@ -311,6 +313,8 @@ class DiffusionCLI(LightningCLI):
                     init_args["name"] = run_name(config_name(config), self.run_id)
                 self._wandb_mode(init_args)
                 self._group_wandb_run(init_args, config)
+                # Artifacts (the evaluation table's images) staged inside the run folder, so that it can be moved.
+                keep_staging_in(Path(init_args.get("save_dir") or ".") / "wandb")
 
     def _resume_requeued_job(self, config: Namespace) -> None:
         """A job that its launcher started again under the same identity (a SLURM requeue, a torchrun restart)
@@ -468,6 +472,9 @@ class DiffusionCLI(LightningCLI):
 
 
 def main(args=None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["sync"]:  # not a LightningCLI subcommand: it reads a run folder, not a config
+        sys.exit(sync_main(argv[1:]))
     try:
         DiffusionCLI(args=args)
     except EvaluationStopped as e:

@@ -254,7 +254,8 @@ def sync_hint(run) -> str:
     except ValueError:
         folder = folder.resolve()
     return (f"W&B run {run.name} ({run.id}), offline, in {folder}: upload it with "
-            f"`wandb sync {folder / ('offline-run-*-' + run.id)}`")
+            f"`wandb sync {folder / ('offline-run-*-' + run.id)}`, or, once the folder is copied elsewhere, "
+            f"`python -m diffusion sync {folder.parent}` there")
 
 
 # --- an evaluation's records: metrics, charts, console lines, the test table ------------------------------

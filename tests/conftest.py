@@ -32,6 +32,7 @@ def _offline_wandb(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DATA_DIR", raising=False)  # the CLI points it into each run folder (and sets it here)
     monkeypatch.setenv("DIFFUSION_FID_CACHE", str(tmp_path / "fid-cache"))
     torch.manual_seed(0)
 

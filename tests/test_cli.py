@@ -22,6 +22,7 @@ from diffusion.errors import CheckpointError, ConfigError
 from diffusion.generate import check_output_path, save_grid
 from diffusion.module import DiffusionModel
 from diffusion.unet import UNet
+from diffusion.wandb_folder import BLOCK, read_payloads, write_log
 from wandb_offline import read_run, read_runs, table_rows
 
 TINY = str(CONFIGS / "tiny.yaml")
@@ -36,8 +37,8 @@ T100 = ["--model.init_args.objective.init_args.num_timesteps", 100, "--evaluatio
 
 @pytest.fixture(scope="module")
 def wandb_data(tmp_path_factory):
-    """W&B's staging folder, where an offline run's tables and images wait for `wandb sync` (not the home's)."""
-    return {"WANDB_DATA_DIR": str(tmp_path_factory.mktemp("wandb-data"))}
+    """A home folder of the runs' own: W&B stages a run's tables and images in the run folder, never under it."""
+    return {"HOME": str(tmp_path_factory.mktemp("home"))}
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +187,34 @@ def test_fit_says_where_its_wandb_run_is_and_how_to_upload_it(fitted):
     assert line.startswith(f"W&B run tiny-{run['run']['id']} ({run['run']['id']}), offline")
     command = re.search(r"`wandb sync (\S+)`", line)[1]
     assert glob.glob(command) == [str(run["path"].parent)]  # the folder `wandb sync` uploads
+
+
+def test_a_run_folder_copied_elsewhere_holds_its_wandb_run_and_syncs_from_there(fitted, tmp_path, wandb_data):
+    run = read_run(fitted)
+    run_dir = run["path"].parents[2]  # runs/<config>/<run id>: <run id>/wandb/offline-run-*/run-<id>.wandb
+    original = {r["sampler"]: r["samples"] for r in table_rows(run, "evaluation/table")}
+    assert all(run_dir / "wandb" / "data" in p.parents for p in original.values())  # staged inside the run folder
+    assert not (Path(wandb_data["HOME"]) / ".local" / "share" / "wandb").exists()  # and nothing in the home's
+    images = {k: p.read_bytes() for k, p in original.items()}
+    copy = tmp_path / "elsewhere" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    away = run_dir.with_name(run_dir.name + "-away")
+    run_dir.rename(away)  # the folder's first place is gone, as on another machine
+    try:
+        out = cli("sync", copy, "--dry-run")
+        assert re.search(r"\d+ artifact file\(s\) pointed into", out.stdout) and "missing" not in out.stderr
+        assert f"wandb sync --dry-run {copy / 'wandb'}/offline-run-" in out.stdout
+        moved = read_run(copy)
+        rows = {r["sampler"]: r["samples"] for r in table_rows(moved, "evaluation/table")}
+        assert rows.keys() == images.keys()
+        for sampler, path in rows.items():
+            assert copy in path.parents and path.read_bytes() == images[sampler]
+        (kept,) = copy.rglob("run-*.wandb.before-move")  # the log as W&B wrote it, kept
+        raw = kept.read_bytes()
+        assert len(raw) > BLOCK and write_log(raw[:7], read_payloads(raw)) == raw  # the framing W&B writes
+        assert "pointed into" not in cli("sync", copy, "--dry-run").stdout  # once is enough
+    finally:
+        away.rename(run_dir)
 
 
 def test_every_wandb_sync_path_in_the_docs_matches_what_fit_writes(fitted):

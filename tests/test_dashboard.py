@@ -3,6 +3,7 @@ artifacts, the sweep config. (What a `fit` and a `test` write to W&B: tests/test
 
 import itertools
 import json
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -78,8 +79,10 @@ def test_the_sync_line_names_a_path_that_works_from_where_the_run_was_started(tm
     run = SimpleNamespace(offline=True, dir=str(folder / "files"), name="mnist_cpu-1a2b3c4d", id="1a2b3c4d")
     line = sync_hint(run)
     assert line == ("W&B run mnist_cpu-1a2b3c4d (1a2b3c4d), offline, in runs/mnist_cpu/1a2b3c4d/wandb: upload it with "
-                    "`wandb sync runs/mnist_cpu/1a2b3c4d/wandb/offline-run-*-1a2b3c4d`")
-    assert [str(p) for p in Path().glob(line.split("wandb sync ")[1].rstrip("`"))] == [str(folder.relative_to(tmp_path))]
+                    "`wandb sync runs/mnist_cpu/1a2b3c4d/wandb/offline-run-*-1a2b3c4d`, or, once the folder is copied "
+                    "elsewhere, `python -m diffusion sync runs/mnist_cpu/1a2b3c4d` there")
+    pattern = re.search(r"`wandb sync (\S+)`", line)[1]
+    assert [str(p) for p in Path().glob(pattern)] == [str(folder.relative_to(tmp_path))]
     online = SimpleNamespace(offline=False, name="mnist_cpu-1a2b3c4d", id="1a2b3c4d",
                              url="https://wandb.ai/x/diffusion/runs/1a2b3c4d")
     assert sync_hint(online) == "W&B run mnist_cpu-1a2b3c4d (1a2b3c4d): https://wandb.ai/x/diffusion/runs/1a2b3c4d"

@@ -1,45 +1,18 @@
 """Read back what W&B wrote offline (the run-*.wandb transaction log), as a user's `wandb sync` would.
 
-wandb >= 0.19 no longer ships a Python reader, so this parses the framing itself: a 7-byte file header
-(':W&B', magic 0xBEE1, version), then LevelDB-log records in 32 KiB blocks, each with a 7-byte header
-(crc32, length, type: 1 full, 2 first, 3 middle, 4 last) holding one serialised protobuf ``Record``.
+wandb >= 0.19 no longer ships a Python reader; the framing (checksums verified) is diffusion.wandb_folder's,
+which `python -m diffusion sync` rewrites moved logs with. Each record is one serialised protobuf ``Record``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
 
-BLOCK = 32768
-
-
-def _payloads(raw: bytes):
-    if raw[:4] != b":W&B":
-        raise ValueError("not a W&B transaction log")
-    pos, pending = 7, b""
-    while pos + 7 <= len(raw):
-        left = BLOCK - pos % BLOCK
-        if left < 7:
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
-        pos += 7
-        if kind == 0 and length == 0:  # zero padding up to the end of the block
-            pos += left - 7
-            continue
-        data, pos = raw[pos : pos + length], pos + length
-        if kind == 1:
-            yield data
-        elif kind == 2:
-            pending = data
-        elif kind == 3:
-            pending += data
-        elif kind == 4:
-            yield pending + data
+from diffusion.wandb_folder import read_payloads
 
 
 def read_runs(root: Path) -> list[dict]:
@@ -61,7 +34,7 @@ def read_log(path: Path) -> dict:
     definitions, the artifacts it logged (name, type and files: path in the artifact -> file staged on disk) and
     the log's path."""
     history, summary, config, run, metrics, artifacts = [], {}, {}, {}, {}, []
-    for payload in _payloads(Path(path).read_bytes()):
+    for payload in read_payloads(Path(path).read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")
