@@ -12,7 +12,7 @@ import os
 import time
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from jsonargparse import Namespace
@@ -405,10 +405,30 @@ class DiffusionCLI(LightningCLI):
 
         jsonargparse reads the subcommand's flags, and their help, from ``generate_images``, where ``options`` go.
         """
-        return generate_images(model, device=self.trainer.strategy.root_device,
+        strategy = self.trainer.strategy
+        ranks = getattr(strategy, "num_processes", 1) * getattr(strategy, "num_nodes", 1)
+        if ranks > 1 and not torch.distributed.is_initialized():
+            # Lightning starts the ranks inside its loops only; `sample` runs none, so it asks the strategy's
+            # launcher for the processes `fit` would start (one per device; under torchrun or SLURM, those
+            # already running), and each runs this again, in its process group.
+            from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+            if not isinstance(strategy.launcher, _SubprocessScriptLauncher):
+                raise ConfigError(f"sample on {ranks} devices runs one process per device: pass "
+                                  f"--trainer.strategy ddp (not {type(strategy).__name__}).")
+            return strategy.launcher.launch(self._in_process_group, self.sample, model, datamodule, **options)
+        return generate_images(model, device=strategy.root_device,
                                precision=self.trainer.precision_plugin.forward_context,
                                bars=progress_bars(self.trainer), **options)
 
+    def _in_process_group(self, function: Callable, *args, **kwargs):
+        """``function`` on one rank: the process group and this rank's device set up as in fit, then torn down."""
+        self.trainer.strategy.setup_environment()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
     def export(self, model: LightningModule, datamodule: Optional[LightningDataModule] = None, ckpt_path: str = "",
                out: str = "exported", ema_length: Optional[float] = None, push_to_hub: Optional[str] = None) -> Path:

@@ -17,6 +17,7 @@ from typing import Callable, ContextManager, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from PIL import Image
 from torchvision.utils import save_image
@@ -28,6 +29,7 @@ from diffusion.fid_score import to_uint8
 from diffusion.module import DiffusionModel
 from diffusion.progress import Factory, StepProgress, progress_bars
 from diffusion.samplers import sampler as sampler_record, slerp
+from diffusion.seeding import batch_seed, dist_info, rank_share
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: Optional[int] = None) -> Path:
@@ -73,7 +75,10 @@ def check_output_path(out: str | Path) -> Path:
 class SampleWriter:
     """Where ``generate_images`` puts its batches, as they come: one PNG per image in a folder (named by index,
     with ``samples.json`` beside them: the checkpoint, sampler, seed, labels), or, for the npz and the grid, the
-    batches as uint8 (a 50,000-image CIFAR-10 npz is 150 MB) or floats (a grid is a few hundred images at most)."""
+    batches as uint8 (a 50,000-image CIFAR-10 npz is 150 MB) or floats (a grid is a few hundred images at most).
+
+    On several ranks each writes its own PNGs; for the rest, each leaves its share in a part file beside the
+    output, and rank 0 joins them in rank order (the ranks' batches are contiguous)."""
 
     def __init__(self, path: Path, kind: str, save_npz: bool, nrow: Optional[int], meta: dict) -> None:
         self.path, self.kind, self.save_npz, self.nrow, self.meta = path, kind, save_npz, nrow, meta
@@ -82,19 +87,45 @@ class SampleWriter:
         self.floats: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
 
-    def add(self, images: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
+    def add(self, images: torch.Tensor, labels: Optional[torch.Tensor], first: int = 0) -> None:
+        """A batch whose first image is sample ``first`` of the whole run."""
         if labels is not None:
             self.labels.append(labels.cpu())
         # uint8 [N, H, W, C], made once for the PNGs and the npz (a grid alone keeps the floats)
         pixels = to_uint8(images).permute(0, 2, 3, 1).numpy() if self.kind != "grid" or self.save_npz else None
         if self.kind == "folder":
             for i, image in enumerate(pixels):
-                Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(self.path / f"{self.count + i:06d}.png")
+                Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(self.path / f"{first + i:06d}.png")
         if self.kind == "npz" or self.save_npz:
             self.uint8.append(pixels)
         if self.kind == "grid":
             self.floats.append(images)
         self.count += images.shape[0]
+
+    def _part(self, rank: int) -> Path:
+        folder, name = (self.path, "samples") if self.kind == "folder" else (self.path.parent, self.path.name)
+        return folder / f".{name}.rank{rank}.part"
+
+    def join(self, rank: int, world: int, barrier: Callable[[], None]) -> Path:
+        """Every rank's share in one output, written by rank 0 (every rank calls it)."""
+        if world > 1:
+            part = {"count": self.count, "uint8": [torch.from_numpy(a) for a in self.uint8],
+                    "floats": self.floats, "labels": self.labels}
+            torch.save(part, self._part(rank))
+            barrier()
+            if rank == 0:
+                self.count, self.uint8, self.floats, self.labels = 0, [], [], []
+                for r in range(world):
+                    got = torch.load(self._part(r), weights_only=True)
+                    self.count += got["count"]
+                    self.uint8 += [a.numpy() for a in got["uint8"]]
+                    self.floats += got["floats"]
+                    self.labels += got["labels"]
+                    self._part(r).unlink()
+        path = self.close() if rank == 0 else self.path
+        if world > 1:
+            barrier()  # the output is whole when any rank returns
+        return path
 
     def _npz(self, path: Path) -> None:
         # arr_0 (and arr_1, the labels) as OpenAI's evaluator reads them: np.savez's own names for positional arrays.
@@ -169,7 +200,8 @@ def generate_images(
         eta: DDIM's noise scale (0: deterministic; 1: DDPM-like).
         num_samples: images to generate.
         batch_size: images per forward pass.
-        seed: seeds a CPU ``torch.Generator``: the same seed gives the same images.
+        seed: seeds a CPU ``torch.Generator`` per batch (the first batch's is ``seed``): the same seed and
+            ``batch_size`` give the same images, on any number of devices.
         out: a ``.png`` for a grid; a ``.npz`` for the samples as one uint8 array ``arr_0`` [N, H, W, C] (the
             labels of a class-conditional model as ``arr_1``), the format OpenAI's evaluator reads; a folder (an
             existing one, or a path without a suffix) for one PNG per image, ``000000.png``..., with
@@ -220,7 +252,10 @@ def generate_images(
     device = torch.device(device)
     model.to(device).eval()
     model.apply_memory_format(device)  # no Trainer hook runs here to do it (channels_last: on on a GPU)
-    generator = torch.Generator().manual_seed(seed)
+    # Several ranks (sample --trainer.devices N): each samples a contiguous block of the batches, each batch from
+    # its own seed, so the images are the same on any number of devices (for the same --batch_size).
+    rank, world = dist_info()
+    batches = rank_share(math.ceil(num_samples / batch_size), rank, world)
     start = time.perf_counter()
     name = sampler or model.sampling.sampler
     meta = {"checkpoint": str(ckpt_path), "sampler": name, "steps": steps or model.default_steps(name),
@@ -229,15 +264,18 @@ def generate_images(
             "ema_length": ema_length, "class_label": class_label,
             "labels": None if labels is None else "class i // per_class" if class_label is None else class_label}
     writer = SampleWriter(out, output_kind(out), save_npz, nrow, meta)
-    desc = f"Sampling {num_samples} images with {name}"
-    with precision(), StepProgress(bars or progress_bars(), math.ceil(num_samples / batch_size), desc) as progress:
-        for begin in range(0, num_samples, batch_size):
+    desc = f"Sampling {num_samples} images with {name}" + (f" on {world} ranks" if world > 1 else "")
+    with precision(), StepProgress(bars or progress_bars(), len(batches), desc) as progress:
+        for batch in batches:
+            begin = batch * batch_size
             n = min(batch_size, num_samples - begin)
             y = None if labels is None else labels[begin : begin + n]
             x = None if x_T is None else x_T[begin : begin + n]
+            generator = torch.Generator().manual_seed(batch_seed(seed, batch))
             writer.add(model.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                                    x_T=x, labels=y, guidance=guidance, progress=progress).cpu(), y)
-    path = writer.close()
+                                    x_T=x, labels=y, guidance=guidance, progress=progress).cpu(), y, first=begin)
+    path = writer.join(rank, world, barrier=dist.barrier)
     seconds = time.perf_counter() - start
-    rank_zero_info(f"Wrote {num_samples} samples to {path} in {seconds:.1f} s ({num_samples / seconds:.1f} images/s).")
+    rank_zero_info(f"Wrote {num_samples} samples to {path} in {seconds:.1f} s ({num_samples / seconds:.1f} images/s"
+                   + (f", {world} ranks" if world > 1 else "") + ").")
     return path

@@ -18,6 +18,13 @@ def derive_seed(*entropy: int) -> int:
     return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1)[0])
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of ``sample``'s batch ``batch``: the first is ``seed`` itself (one batch is
+    ``model.sample(generator=torch.Generator().manual_seed(seed))``), so that any number of ranks, each sampling
+    its own batches, writes the same images."""
+    return int(seed) if batch == 0 else derive_seed(seed, batch, 2)
+
+
 def seeded_noise(indices: Iterable[int], shape: Sequence[int], seed: int) -> Tensor:
     """x_T for the samples with these global indices: sample i always gets the same noise, whatever the batch
     size, the number of ranks, or the sampler."""

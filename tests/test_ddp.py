@@ -150,3 +150,58 @@ def test_a_nan_loss_on_one_rank_stops_both(config, mnist_dir, tmp_path):
     assert not list(tmp_path.glob("rank*.json"))  # neither went on training
     # The last periodic checkpoint (step 3) stands: no rank saved the step that met the NaN.
     assert last_ckpt_step(tmp_path) == 3
+
+
+def test_sample_on_two_ranks_writes_the_images_of_one(tmp_path, monkeypatch):
+    """`sample --trainer.devices 2`: each rank samples its batches and writes its PNGs; the folder, the npz and the
+    grid are those of one process, bit for bit (each batch has its own seed)."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion.cli import DiffusionCLI
+    from diffusion.generate import save_grid
+
+    monkeypatch.setattr(sys, "argv", ["diffusion"])
+    built = DiffusionCLI(args=["--config", str(CONFIGS / "tiny.yaml"), "--trainer.logger", "false",
+                               "--trainer.default_root_dir", str(tmp_path)], run=False)
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": built.model.state_dict()}, ckpt)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def sample(out, *args, timeout=240):
+        cmd = [sys.executable, "-m", "diffusion", "sample", "--config", CONFIGS / "tiny.yaml", "--ckpt_path", ckpt,
+               "--sampler", "ddim", "--eta", 1, "--steps", 3, "--num_samples", 10, "--batch_size", 3, "--seed", 7,
+               "--trainer.default_root_dir", tmp_path / "runs", "--trainer.accelerator", "cpu", "--out", out, *args]
+        with open(tmp_path / "out.txt", "w") as log:
+            proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"sample was still running {timeout} s later:\n{(tmp_path / 'out.txt').read_text()[-4000:]}")
+        output = (tmp_path / "out.txt").read_text()
+        assert proc.returncode == 0, output[-4000:]
+        return output
+
+    sample(tmp_path / "one", "--save_npz", "true")
+    output = sample(tmp_path / "two", "--save_npz", "true", "--trainer.strategy", "ddp", "--trainer.devices", 2)
+    assert "Wrote 10 samples" in output and "2 ranks" in output
+    names = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "one").iterdir())  # no part file left
+    assert names == [f"{i:06d}.png" for i in range(10)] + ["samples.json", "samples.npz"]
+    for i in range(10):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / f"{i:06d}.png")),
+                              np.asarray(Image.open(tmp_path / "two" / f"{i:06d}.png")))
+    with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
+        assert a["arr_0"].shape == (10, 28, 28, 1) and np.array_equal(a["arr_0"], b["arr_0"])
+    assert json.loads((tmp_path / "two" / "samples.json").read_text())["num_samples"] == 10
+    # A grid: the ranks' float shares joined (and the npz beside it): one process's images.
+    sample(tmp_path / "grid.png", "--save_npz", "true", "--trainer.strategy", "ddp", "--trainer.devices", 2)
+    with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "grid.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+        save_grid(torch.from_numpy(a["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1, tmp_path / "expected.png")
+    grid, expected = (np.asarray(Image.open(tmp_path / p)).astype(int) for p in ("grid.png", "expected.png"))
+    assert grid.shape == expected.shape and np.abs(grid - expected).max() <= 1  # floats vs their uint8: rounding
+    assert not list(tmp_path.glob(".*.part"))
