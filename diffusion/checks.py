@@ -76,6 +76,10 @@ RANGES: dict[str, Range] = {
                         hint="the RMS of the training images in [-1, 1]: 0.5 for CIFAR-10 in EDM, 0.96 for MNIST"),
     "p_mean": Range(hint="EDM uses p_mean -1.2 and p_std 1.2"),
     "p_std": Range(0, None, low_open=True, hint="EDM uses p_mean -1.2 and p_std 1.2"),
+    "s_churn": Range(0, None, hint="EDM's CIFAR-10 VP setting is 30; 0: Heun's ODE sampler"),
+    "s_tmin": Range(0, None, hint="EDM uses 0.01"),
+    "s_tmax": Range(0, None, hint="EDM uses 1"),
+    "s_noise": Range(0, None, low_open=True, hint="EDM uses 1.007, Restart 1.003; 1 keeps the marginals exact"),
 }
 
 

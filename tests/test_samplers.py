@@ -183,8 +183,8 @@ def test_bad_sampler_input(schedule):
         make_timesteps(1000, 0)
     with pytest.raises(ConfigError, match="spacing"):
         make_timesteps(1000, 10, "random")
-    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp2m", "heun", "ddim_karras", "dpmpp2m_karras", "consistency",
-                             "consistency_karras"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp2m", "heun", "edm_sde", "restart", "ddim_karras", "dpmpp2m_karras",
+                             "consistency", "consistency_karras"}
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m"])
@@ -386,3 +386,75 @@ def test_interpolate_ends_on_the_endpoint_samples(schedule, sampler):
 def test_interpolate_needs_both_endpoints(schedule):
     with pytest.raises(ConfigError, match="at least 2 images"):
         _strip(1, ddim_sample)
+
+
+class VEGaussianDenoiser:
+    """The exact eps-predictor for data ~ N(0, std^2 I) at fractional timesteps too (alpha_bar from the schedule's
+    interpolated sigma, as the Karras-grid samplers read it)."""
+
+    def __init__(self, schedule: NoiseSchedule, std: float) -> None:
+        self.s, self.std, self.calls = schedule, std, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        sigma = self.s.sigma_at(t.float()).view(-1, *[1] * (x.ndim - 1)).double()
+        ab = 1 / (1 + sigma**2)
+        return ((1 - ab).sqrt() * x / (ab * self.std**2 + 1 - ab)).float()
+
+
+def test_edm_sde_without_churn_and_restart_without_restarts_are_heun(schedule):
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ts = SAMPLERS["heun"].timesteps(schedule, 12)
+    heun = SAMPLERS["heun"](wobbly_denoiser, schedule, x, ts)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(SAMPLERS["edm_sde"](wobbly_denoiser, schedule, x, ts, g, s_churn=0), heun)
+    assert torch.equal(SAMPLERS["restart"](wobbly_denoiser, schedule, x, ts, g, restart=(3, 0, 0.06, 0.3)), heun)
+    churned = SAMPLERS["edm_sde"](wobbly_denoiser, schedule, x, ts, torch.Generator().manual_seed(0))
+    again = SAMPLERS["edm_sde"](wobbly_denoiser, schedule, x, ts, torch.Generator().manual_seed(0))
+    assert torch.equal(churned, again) and not torch.equal(churned, heun)  # seeded, and noise was added
+
+
+@pytest.mark.parametrize("name, steps, calls", [("edm_sde", 18, 35), ("restart", 18, 47), ("restart", 40, 91)])
+def test_network_calls_of_the_stochastic_samplers(schedule, name, steps, calls):
+    record = SAMPLERS[name]
+    den = VEGaussianDenoiser(schedule, 0.5)
+    record(den, schedule, torch.randn(2, 1, 2, 2), record.timesteps(schedule, steps), torch.Generator().manual_seed(0))
+    assert den.calls == record.network_calls(steps) == calls
+    assert not record.deterministic()
+
+
+@pytest.mark.parametrize("name", ["edm_sde", "restart"])
+def test_stochastic_samplers_keep_gaussian_marginals(schedule, name):
+    """With the exact denoiser and s_noise = 1, the added noise keeps x's marginal exact (EDM's churn raises
+    N(0, std^2 + sigma^2) to N(0, std^2 + sigma_hat^2); Restart's forward jump is q's), so with many steps the
+    samples have the data's std."""
+    x_T = torch.randn(20_000, 1, 1, 1, generator=torch.Generator().manual_seed(3))
+    record = SAMPLERS[name]
+    out = record(VEGaussianDenoiser(schedule, 0.5), schedule, x_T, record.timesteps(schedule, 200),
+                 torch.Generator().manual_seed(4), clip_x0=False, s_noise=1.0)
+    assert out.mean().abs().item() < 0.02
+    assert out.std().item() == pytest.approx(0.5, rel=0.03)
+
+
+def test_restart_contracts_the_ode_error_and_churn_at_few_steps_does_not(schedule):
+    """On Gaussian data at 18 steps, Heun's ODE error shows in the samples' std (too large); Restart's noise
+    contracts it (the paper's claim), EDM's churn at so few steps adds error (its Figure 4: the SDE needs more)."""
+    x_T = torch.randn(20_000, 1, 1, 1, generator=torch.Generator().manual_seed(3))
+
+    def std_error(name, **kw):
+        record = SAMPLERS[name]
+        out = record(VEGaussianDenoiser(schedule, 0.5), schedule, x_T, record.timesteps(schedule, 18),
+                     torch.Generator().manual_seed(4), clip_x0=False, **kw)
+        return abs(out.std().item() - 0.5)
+
+    heun = std_error("heun")
+    assert std_error("restart", s_noise=1.0) < 0.8 * heun
+    assert std_error("edm_sde", s_noise=1.0) > heun
+
+
+def test_stochastic_sampler_options_are_checked(schedule):
+    x, ts = torch.randn(1, 1, 2, 2), SAMPLERS["heun"].timesteps(schedule, 4)
+    with pytest.raises(ConfigError, match="s_churn must be"):
+        SAMPLERS["edm_sde"](wobbly_denoiser, schedule, x, ts, s_churn=-1)
+    with pytest.raises(ConfigError, match="restart must be"):
+        SAMPLERS["restart"](wobbly_denoiser, schedule, x, ts, restart=(3, 2, 0.3, 0.06))
