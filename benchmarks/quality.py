@@ -223,8 +223,9 @@ def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None,
 
             model.load_state_dict(rebuild(checkpoint, length, getattr(args, "ema_step", None)))  # ema_sweep's --step
         ddpm = None
-        # DDPM first, so that each sampler's line carries its ratio when it is printed.
-        for spec in sorted(specs, key=lambda s: not (s.name == "ddpm" and s.guidance is None)):
+        # DDPM first (any of its variances: the first listed is the reference), so that each sampler's line carries
+        # its ratio when it is printed.
+        for spec in sorted(specs, key=lambda s: not (s.sampler.all_timesteps and s.guidance is None)):
             r = scorer.score(model, spec, args.num_samples, precision=trainer.precision_plugin.forward_context,
                              progress=bars, keep=args.grid)
             key = spec.key if length is None else f"{spec.key}@ema{length:g}"
@@ -232,11 +233,11 @@ def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None,
                 save_grid(r.images, out / f"samples-{key}.png")
             if scored is not None:
                 scored[key] = replace(r, images=r.images[:TABLE_IMAGES], ema_length=length)
-            if spec.name == "ddpm" and spec.guidance is None:
+            if ddpm is None and spec.sampler.all_timesteps and spec.guidance is None:
                 ddpm = r.fid
             sampling = r.seconds
             record = {"kind": "sampler", "spec": spec.text, "key": key, "sampler": spec.name, "steps": spec.steps,
-                      "guidance": spec.guidance, "ema_length": length, "fid": r.fid,
+                      "network_calls": r.network_calls, "guidance": spec.guidance, "ema_length": length, "fid": r.fid,
                       "ratio_to_ddpm": r.fid / ddpm if ddpm else None, "sampling_seconds": sampling,
                       "inception_seconds": r.inception_seconds,
                       "images_per_s": args.num_samples / sampling if sampling > 0 else None, **common}
@@ -287,13 +288,15 @@ def log_rows(run, args, train_record: dict, scored: dict, floor: dict) -> str:
 
 
 def markdown(config: str, train_record: dict, results: list[dict], floor: dict, device: str) -> str:
+    from diffusion.samplers import sampler
+
     if train_record.get("skipped"):
         head = f"`{config}`, checkpoint {train_record['checkpoint']} ({train_record['steps']} steps)"
     else:
         head = (f"`{config}`, trained {train_record['train_seconds'] / 60:.1f} min (budget {train_record['minutes']:g}) on "
                 f"{device}: {train_record['steps']:,} steps at batch {train_record['global_batch']}, "
                 f"{fmt(train_record['images_per_s'])} training images/s")
-    ddpm = next((r["spec"] for r in results if r["sampler"] == "ddpm" and r["guidance"] is None), "DDPM")
+    ddpm = next((r["spec"] for r in results if sampler(r["sampler"]).all_timesteps and r["guidance"] is None), "DDPM")
     lines = [head + f"; FID of {floor['num_samples']:,} samples against {floor['num_real']:,} training images", "",
              f"| sampler | FID | x {ddpm} | sampling s | images/s |", "|---|---|---|---|---|"]
     for r in results:

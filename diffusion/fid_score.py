@@ -293,7 +293,7 @@ class FIDRecord:
 
     ``seconds``: sampling, the slowest rank's; ``inception_seconds``: the rest of the time; ``images``: this rank's
     kept samples ([-1, 1], on the CPU) with their global ``indices``; ``ema_length``: the post-hoc EMA length the
-    weights were rebuilt at (None: the EMA callback's own).
+    weights were rebuilt at (None: the EMA callback's own); ``network_calls``: of one image.
     """
 
     spec: SamplerSpec
@@ -305,6 +305,7 @@ class FIDRecord:
     images: Tensor
     indices: list[int]
     ema_length: Optional[float] = None
+    network_calls: Optional[int] = None  # of one image (the model's sampling settings included); None: not counted
 
     @property
     def key(self) -> str:
@@ -520,8 +521,9 @@ class FIDScorer:
         )
         synchronize(device)
         total = time.perf_counter() - start
+        calls = spec.sampler.network_calls(spec.steps, **spec.sampler.settings_of(getattr(model, "sampling", None)))
         return FIDRecord(spec, fid, num_samples, seconds, num_samples / max(seconds, 1e-9), max(total - seconds, 0.0),
-                         images, list(share[: len(images)]))
+                         images, list(share[: len(images)]), network_calls=calls)
 
     def floor(self, datamodule, num: int, progress: Optional[Progress] = None) -> tuple[float, int]:
         """The held-out split's FID against the training statistics for ``num`` images (at most the split):

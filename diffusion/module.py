@@ -336,6 +336,8 @@ class DiffusionModel(LightningModule):
         timesteps = record.timesteps(self.schedule, steps)
         if record.takes_eta:
             options.setdefault("eta", self.sampling.eta if eta is None else eta)
+        for name, value in record.settings_of(self.sampling).items():
+            options.setdefault(name, value)
         options.setdefault("clip_x0", self.sampling.clip_x0)
         if generator is None:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -348,9 +350,15 @@ class DiffusionModel(LightningModule):
         was_training = self.training
         self.eval()
         try:
-            return record.fn(denoiser, self.schedule, x_T, timesteps, generator, **options).clamp(-1, 1)
+            return record(denoiser, self.schedule, x_T, timesteps, generator, **options).clamp(-1, 1)
         finally:
             self.train(was_training)
+
+    def network_calls(self, sampler: Optional[str] = None, steps: Optional[int] = None) -> int:
+        """Network calls of ``sample`` with this sampler and steps (the ``sampling`` group's settings included)."""
+        record = sampler_record(self.sampling.sampler if sampler is None else sampler)
+        steps = self.default_steps(record.name) if steps is None else steps
+        return record.network_calls(steps, **record.settings_of(self.sampling))
 
     def default_steps(self, sampler: Optional[str] = None) -> int:
         """The steps ``sample`` takes when not told: all T for a sampler that takes all, else ``sampling.steps``."""

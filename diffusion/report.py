@@ -171,7 +171,8 @@ class EvaluationTable:
         rows = []
         for r in results:
             rows.append([self.training_run, stage, epoch, step, images_seen, r.label, r.spec.steps,
-                         network_calls(r.spec.name, r.spec.steps), r.spec.guidance, r.ema_length, r.fid,
+                         network_calls(r.spec.name, r.spec.steps) if r.network_calls is None else r.network_calls,
+                         r.spec.guidance, r.ema_length, r.fid,
                          floor, r.seconds, sample_image(r.images, f"{r.label}, step {step}")])
         return rows
 

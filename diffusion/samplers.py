@@ -17,10 +17,11 @@ The arithmetic stays fp32 whatever precision the denoiser runs in.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -373,6 +374,30 @@ def _karras_sigmas(hi: float, lo: float, n: int, rho: float = 7.0) -> list[float
 RESTART = (3, 2, 0.06, 0.30)  # steps per restart, restarts, sigma_min, sigma_max: the paper's CIFAR-10 VP setting
 
 
+def check_restart(restart: Sequence[float]) -> tuple[int, int, float, float]:
+    """``restart = (n, K, sigma_min, sigma_max)`` as numbers, or a one-line refusal saying what it must be."""
+    try:
+        n, k, s_min, s_max = restart
+        n, k, s_min, s_max = int(n), int(k), float(s_min), float(s_max)
+    except (TypeError, ValueError):
+        n = k = s_min = s_max = None
+    if n is None or n < 1 or k < 0 or not 0 < s_min < s_max:
+        raise ConfigError(
+            f"restart must be [steps >= 1, restarts >= 0, sigma_min > 0, sigma_max > sigma_min], got {restart!r}; "
+            f"the Restart paper's CIFAR-10 VP setting is {list(RESTART)}."
+        )
+    return n, k, s_min, s_max
+
+
+def _restart_calls(restart: Sequence[float] = RESTART, **_) -> int:
+    n, k, _s_min, _s_max = check_restart(restart)
+    return 2 * n * k
+
+
+def _no_extra_calls(**_) -> int:
+    return 0
+
+
 @torch.no_grad()
 def restart_sample(
     denoiser: Denoiser,
@@ -392,9 +417,7 @@ def restart_sample(
     on Karras's spacing bring it back down. The added noise contracts the ODE's accumulated error, as an SDE's
     does, while the steps stay ODE steps. N timesteps cost 2N - 1 + 2 n K network calls (35 + 12 for 18 steps).
     """
-    n, k, s_min, s_max = int(restart[0]), int(restart[1]), float(restart[2]), float(restart[3])
-    if n < 1 or k < 0 or not 0 < s_min < s_max:
-        raise ConfigError(f"restart must be (steps >= 1, restarts >= 0, sigma_min, sigma_max > sigma_min), got {tuple(restart)}.")
+    n, k, s_min, s_max = check_restart(restart)
     check("s_noise", s_noise, "restart's s_noise")
     x, levels = _ve_start(schedule, x_T, timesteps)
     eps_at = _ve_eps(denoiser, schedule, clip_x0)
@@ -461,7 +484,11 @@ class Sampler:
         all_timesteps: it takes all T timesteps (DDPM's ancestral sampler), unless told otherwise.
         takes_eta: it has DDIM's ``eta`` option.
         for_consistency_models: the sampler a consistency model (``ConsistencyTuning``) is sampled with.
-        extra_calls: network calls beyond its steps' (Restart's restart intervals).
+        extra_calls: network calls beyond its steps', a function of its options (Restart's restart intervals).
+        settings: the fields of the ``sampling`` group (``SamplingDefaults``) it takes as options: a config's
+            ``sampling.s_churn`` reaches ``edm_sde`` wherever the model samples (``sample``, FID, grids).
+        options: keyword options it is always called with (``ddpm_large``: DDPM with ``variance="beta"``); a
+            name for a setting worth comparing in a sampler list, not another sampler.
     """
 
     name: str
@@ -472,10 +499,12 @@ class Sampler:
     all_timesteps: bool = False
     takes_eta: bool = False
     for_consistency_models: bool = False
-    extra_calls: int = 0
+    extra_calls: Callable[..., int] = _no_extra_calls
+    options: Mapping[str, Any] = field(default_factory=dict)
+    settings: tuple[str, ...] = ()
 
     def __call__(self, *args, **kwargs) -> Tensor:
-        return self.fn(*args, **kwargs)
+        return self.fn(*args, **{**self.options, **kwargs})
 
     def timesteps(self, schedule: NoiseSchedule, steps: int) -> Tensor:
         """The timesteps it visits in ``steps`` steps."""
@@ -486,9 +515,14 @@ class Sampler:
             return karras_timesteps(schedule, steps)
         return make_timesteps(schedule.num_timesteps, steps)
 
-    def network_calls(self, steps: int) -> int:
-        """Network evaluations of ``steps`` steps (without guidance, which doubles the batch)."""
-        return self.calls_per_step * steps - (self.calls_per_step - 1) + self.extra_calls
+    def network_calls(self, steps: int, **options) -> int:
+        """Network evaluations of ``steps`` steps with ``options`` (without guidance, which doubles the batch)."""
+        return self.calls_per_step * steps - (self.calls_per_step - 1) + self.extra_calls(**{**self.options, **options})
+
+    def settings_of(self, sampling: Optional["SamplingDefaults"]) -> dict[str, Any]:
+        """The options ``sampling`` (a model's group) gives it: its ``settings`` that are set (not None)."""
+        values = {name: getattr(sampling, name, None) for name in self.settings} if sampling is not None else {}
+        return {name: value for name, value in values.items() if value is not None}
 
     def deterministic(self, eta: float = 0.0, steps: Optional[int] = None) -> bool:
         """Whether the same x_T always gives the same sample (``steps`` None: any number of steps)."""
@@ -503,12 +537,17 @@ class Sampler:
 # trailing spacing of the timesteps (k-diffusion's "DPM++ 2M Karras"): a timestep grid, not another sampler.
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("ddpm", ddpm_sample, noise="every_step", all_timesteps=True),
+    # DDPM's two fixed variances by name, for sampler lists (Ho et al. 2020, sec. 3.2: sigma_t^2 = beta-tilde_t,
+    # "fixed small", or beta_t, "fixed large"); "ddpm" is the default of the two.
+    Sampler("ddpm_small", ddpm_sample, noise="every_step", all_timesteps=True, options={"variance": "posterior"}),
+    Sampler("ddpm_large", ddpm_sample, noise="every_step", all_timesteps=True, options={"variance": "beta"}),
     Sampler("ddim", ddim_sample, noise="with_eta", takes_eta=True),
     Sampler("dpmpp2m", dpmpp2m_sample),
     Sampler("heun", heun_sample, grid="karras", calls_per_step=2),
-    Sampler("edm_sde", edm_sde_sample, grid="karras", calls_per_step=2, noise="every_step"),
+    Sampler("edm_sde", edm_sde_sample, grid="karras", calls_per_step=2, noise="every_step",
+            settings=("s_churn", "s_tmin", "s_tmax", "s_noise")),
     Sampler("restart", restart_sample, grid="karras", calls_per_step=2, noise="every_step",
-            extra_calls=2 * RESTART[0] * RESTART[1]),
+            extra_calls=_restart_calls, settings=("restart", "s_noise")),
     Sampler("ddim_karras", ddim_sample, grid="karras", noise="with_eta", takes_eta=True),
     Sampler("dpmpp2m_karras", dpmpp2m_sample, grid="karras"),
     Sampler("consistency", consistency_sample, noise="after_first", for_consistency_models=True),
@@ -526,8 +565,9 @@ def sampler(name: str) -> Sampler:
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:
-    """The sampler function of ``name``."""
-    return sampler(name).fn
+    """The sampler function of ``name`` (with its record's fixed options, if any)."""
+    record = sampler(name)
+    return functools.partial(record.fn, **record.options) if record.options else record.fn
 
 
 def sampler_timesteps(schedule: NoiseSchedule, name: str, steps: int) -> Tensor:
@@ -608,6 +648,10 @@ class SamplingDefaults:
         eta: DDIM's noise scale (0: deterministic; 1: DDPM-like).
         guidance: classifier-free guidance scale w of a class-conditional model (0: the plain conditional model).
         clip_x0: clip each step's x0 estimate to [-1, 1].
+        s_churn, s_tmin, s_tmax: ``edm_sde``'s churn and the noise levels it acts between (EDM's CIFAR-10 VP
+            settings).
+        s_noise: the scale of the noise ``edm_sde`` and ``restart`` add; None: each one's own (1.007, 1.003).
+        restart: ``restart``'s (steps per restart, restarts, sigma_min, sigma_max).
     """
 
     sampler: str = "ddim"
@@ -615,10 +659,18 @@ class SamplingDefaults:
     eta: float = 0.0
     guidance: float = 0.0
     clip_x0: bool = True
+    s_churn: float = 30.0
+    s_tmin: float = 0.01
+    s_tmax: float = 1.0
+    s_noise: Optional[float] = None
+    restart: tuple[int, int, float, float] = RESTART
 
     def __post_init__(self) -> None:
         get_sampler(self.sampler)
-        check_options("sampling.", steps=self.steps, eta=self.eta, guidance=self.guidance)
+        check_options("sampling.", steps=self.steps, eta=self.eta, guidance=self.guidance, s_churn=self.s_churn,
+                      s_tmin=self.s_tmin, s_tmax=self.s_tmax, **({} if self.s_noise is None else {"s_noise": self.s_noise}))
+        # A checkpoint's hparams give a list; the group keeps a tuple, so that two equal groups compare equal.
+        object.__setattr__(self, "restart", check_restart(self.restart))
 
 
 def slerp(a: Tensor, b: Tensor, weights: Sequence[float] | Tensor) -> Tensor:

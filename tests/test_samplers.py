@@ -6,11 +6,13 @@ import math
 
 from diffusion.samplers import (
     SAMPLERS,
+    SamplerSpec,
     ddim_sample,
     ddpm_sample,
     dpmpp2m_sample,
     get_sampler,
     make_timesteps,
+    parse_samplers,
     slerp,
 )
 from diffusion.generate import interpolation_noise
@@ -183,7 +185,7 @@ def test_bad_sampler_input(schedule):
         make_timesteps(1000, 0)
     with pytest.raises(ConfigError, match="spacing"):
         make_timesteps(1000, 10, "random")
-    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp2m", "heun", "edm_sde", "restart", "ddim_karras", "dpmpp2m_karras",
+    assert set(SAMPLERS) == {"ddpm", "ddpm_small", "ddpm_large", "ddim", "dpmpp2m", "heun", "edm_sde", "restart", "ddim_karras", "dpmpp2m_karras",
                              "consistency", "consistency_karras"}
 
 
@@ -458,3 +460,45 @@ def test_stochastic_sampler_options_are_checked(schedule):
         SAMPLERS["edm_sde"](wobbly_denoiser, schedule, x, ts, s_churn=-1)
     with pytest.raises(ConfigError, match="restart must be"):
         SAMPLERS["restart"](wobbly_denoiser, schedule, x, ts, restart=(3, 2, 0.3, 0.06))
+
+
+def test_ddpm_small_and_large_name_the_two_variances(schedule):
+    """``ddpm_small`` / ``ddpm_large`` are DDPM with beta-tilde / beta_t, by name in a sampler list or a config."""
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    ts = SAMPLERS["ddpm"].timesteps(schedule, 1000)
+
+    def run(fn, **kw):
+        return fn(wobbly_denoiser, schedule, x, ts, torch.Generator().manual_seed(5), **kw)
+
+    assert torch.equal(run(SAMPLERS["ddpm_large"]), run(ddpm_sample, variance="beta"))
+    assert torch.equal(run(get_sampler("ddpm_large")), run(ddpm_sample, variance="beta"))
+    assert torch.equal(run(SAMPLERS["ddpm_small"]), run(ddpm_sample, variance="posterior"))
+    assert not torch.equal(run(SAMPLERS["ddpm_large"]), run(SAMPLERS["ddpm_small"]))
+    spec = SamplerSpec.parse("ddpm_large1000")
+    assert (spec.name, spec.steps, spec.sampler.network_calls(1000)) == ("ddpm_large", 1000, 1000)
+    with pytest.raises(ConfigError, match="ddpm takes all"):
+        parse_samplers(["ddpm_large50"], 1000)
+
+
+def test_the_sampling_group_sets_the_stochastic_samplers_and_their_network_calls():
+    """``sampling.s_churn`` etc. reach the sampler wherever the model samples, and the calls follow ``restart``."""
+    from diffusion.samplers import SamplingDefaults
+
+    net = UNet(base_channels=8, channel_mults=(1,), num_res_blocks=1, attention_resolutions=[], num_heads=1, image_size=8)
+    heun = DiffusionModel(net, sampling=SamplingDefaults(sampler="heun", steps=6)).sample(2, seed=3)
+    no_churn = DiffusionModel(net, sampling=SamplingDefaults(sampler="edm_sde", steps=6, s_churn=0.0))
+    assert torch.equal(no_churn.sample(2, seed=3), heun)
+    churned = DiffusionModel(net, sampling=SamplingDefaults(sampler="edm_sde", steps=6))
+    assert not torch.equal(churned.sample(2, seed=3), heun)
+    # An option given to sample still wins over the group's.
+    assert torch.equal(churned.sample(2, seed=3, s_churn=0.0), heun)
+    none = DiffusionModel(net, sampling=SamplingDefaults(sampler="restart", steps=6, restart=[2, 0, 0.06, 0.3]))
+    assert torch.equal(none.sample(2, seed=3), heun)
+    assert none.network_calls() == 11
+    four = DiffusionModel(net, sampling=SamplingDefaults(sampler="restart", steps=6, restart=[2, 4, 0.06, 0.3]))
+    assert four.network_calls() == 11 + 2 * 2 * 4 and four.network_calls("restart", 18) == 35 + 16
+    assert DiffusionModel(net).network_calls("restart", 18) == 47
+    with pytest.raises(ConfigError, match=r"restart must be .*\[3, 2, 0.06, 0.3\]"):
+        SamplingDefaults(restart=[3, 2, 0.3, 0.06])
+    with pytest.raises(ConfigError, match="s_noise"):
+        SamplingDefaults(s_noise=0.0)
