@@ -72,9 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid_cache", default=None, help="cache of the reference statistics (default: the config's fid.cache_dir, $DIFFUSION_FID_CACHE, ~/.cache/diffusion/fid)")
     p.add_argument("--ema_length", default=None, help="comma-separated post-hoc EMA lengths (sigma_rel, e.g. 0.05,0.08,0.1) to score, each "
                    "rebuilt from the checkpoint's PostHocEMA profiles, instead of its fixed EMA; one record per (length, sampler)")
+    p.add_argument("--sampling", default=None, help="JSON of the model's sampling settings to score with, e.g. "
+                   "'{\"restart\": [3, 4, 0.06, 0.3]}' or '{\"s_churn\": 10}' (default: the model's own; docs/evaluation.md#samplers)")
     p.add_argument("--no_wandb", action="store_true",
                    help="log nothing to W&B (by default the rows go to the training's W&B run, offline unless WANDB_MODE says otherwise)")
     return p
+
+
+def parse_sampling(parser: argparse.ArgumentParser, text: Optional[str]) -> dict:
+    """``--sampling``'s JSON object of ``SamplingDefaults`` fields, checked as the group checks them."""
+    if text is None:
+        return {}
+    from diffusion.errors import ConfigError
+    from diffusion.samplers import SamplingDefaults
+
+    try:
+        settings = json.loads(text)
+        if not isinstance(settings, dict):
+            raise ValueError("not an object")
+        SamplingDefaults(**settings)
+    except (ValueError, TypeError, ConfigError) as e:
+        fields = ", ".join(SamplingDefaults.__dataclass_fields__)
+        parser.error(f"--sampling: {str(e).rstrip('.')}; give a JSON object of the sampling group's fields ({fields}), "
+                     "e.g. '{\"restart\": [3, 4, 0.06, 0.3]}'")
+    return settings
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
@@ -107,6 +128,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     if not args.sampler_list:
         parser.error("--samplers: give at least one, e.g. ddim50")
     args.ema_lengths = parse_ema_lengths(parser, args.ema_length)
+    args.sampling_settings = parse_sampling(parser, args.sampling)
     if args.threads:
         import torch
 
@@ -200,6 +222,8 @@ def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None,
     device = trainer.strategy.root_device
     model.to(device).eval()
     model.apply_memory_format(device)
+    if args.sampling_settings:
+        model.sampling = replace(model.sampling, **args.sampling_settings)
     fid = next((c for c in trainer.callbacks if isinstance(c, Evaluation)), None) or Evaluation()
     features, reason = resolve_fid_weights(fid, args.fid_weights, device.type)
     if reason:
@@ -237,7 +261,8 @@ def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None,
                 ddpm = r.fid
             sampling = r.seconds
             record = {"kind": "sampler", "spec": spec.text, "key": key, "sampler": spec.name, "steps": spec.steps,
-                      "network_calls": r.network_calls, "guidance": spec.guidance, "ema_length": length, "fid": r.fid,
+                      "network_calls": r.network_calls, "settings": spec.sampler.settings_of(model.sampling),
+                      "guidance": spec.guidance, "ema_length": length, "fid": r.fid,
                       "ratio_to_ddpm": r.fid / ddpm if ddpm else None, "sampling_seconds": sampling,
                       "inception_seconds": r.inception_seconds,
                       "images_per_s": args.num_samples / sampling if sampling > 0 else None, **common}

@@ -162,20 +162,25 @@ def test_quality_quick_run_trains_scores_each_sampler_and_the_floor(quality_run)
 def test_quality_rescoring_the_checkpoint_gives_the_same_figures(quality_run, mnist_dir, tmp_path):
     records, out = quality_run
     proc = quality("--config", CONFIGS / "mnist_cpu.yaml", "--quick", "--json", "--ckpt", out / "model.ckpt", "--out",
-                   tmp_path, "--fid_cache", out / "cache", "--samplers", "ddim5,ddpm20", "--", "--data.init_args.data_dir",
+                   tmp_path, "--fid_cache", out / "cache", "--samplers", "ddim5,ddpm20,edm_sde3", "--sampling",
+                   '{"s_churn": 0, "s_noise": 1.0}', "--", "--data.init_args.data_dir",
                    mnist_dir, "--evaluation.feature_extractor", "fid_helpers.TinyFeatures")
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert again[1]["skipped"] and again[1]["steps"] == 3 and again[2]["cache_hit"]
     before = {r["key"]: r["fid"] for r in records if r["kind"] == "sampler"}
     now = {r["key"]: r for r in again if r["kind"] == "sampler"}
-    assert {k: r["fid"] for k, r in now.items()} == {"ddim5": before["ddim5"], "ddpm20": before["ddpm20"]}  # same weights, seeds, machine: exact
+    assert {k: now[k]["fid"] for k in ("ddim5", "ddpm20")} == {"ddim5": before["ddim5"], "ddpm20": before["ddpm20"]}  # same weights, seeds, machine: exact
+    # --sampling's settings reach the sampler that takes them, and the record says them and the calls.
+    assert now["edm_sde3"]["settings"] == {"s_churn": 0, "s_tmin": 0.01, "s_tmax": 1.0, "s_noise": 1.0}
+    assert now["edm_sde3"]["network_calls"] == 5 and now["ddim5"]["settings"] == {} and now["ddim5"]["network_calls"] == 5
     assert now["ddim5"]["ratio_to_ddpm"] == pytest.approx(before["ddim5"] / before["ddpm20"])  # DDPM listed last, scored first
     # Rescored rows go to a W&B run of their own, linked to the run that trained the checkpoint.
     training = read_run(out / "run")["run"]["id"]
     run = read_run(tmp_path)
     assert run["run"]["job_type"] == "quality" and f"trained_by:{training}" in run["run"]["tags"]
-    assert [(r["sampler"], r["training_run"]) for r in table_rows(run, "evaluation/table")] == [("ddpm20", training), ("ddim5", training)]
+    assert [(r["sampler"], r["training_run"]) for r in table_rows(run, "evaluation/table")] == [
+        ("ddpm20", training), ("ddim5", training), ("edm_sde3", training)]
 
 
 @pytest.mark.parametrize("args, words", [
@@ -183,6 +188,8 @@ def test_quality_rescoring_the_checkpoint_gives_the_same_figures(quality_run, mn
     (["--num_samples", "1"], ["--num_samples", "at least 2"]),
     (["--ckpt", "missing.ckpt"], ["--ckpt", "missing.ckpt"]),
     (["--ema_length", "0.1,0"], ["--ema_length '0'", "sigma_rel must be in (0, 0.2887)"]),
+    (["--sampling", '{"restart": [3, 4]}'], ["--sampling", "restart must be", "[3, 2, 0.06, 0.3]"]),
+    (["--sampling", "s_churn=5"], ["--sampling", "JSON object"]),
 ])
 def test_quality_bad_option_exits_with_a_readable_error(args, words, tmp_path):
     proc = quality(*args, "--out", tmp_path, timeout=60)
