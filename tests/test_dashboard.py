@@ -143,7 +143,7 @@ def test_the_sweep_config_is_valid_and_each_run_it_proposes_is_a_valid_command_l
     jsonschema.validate(sweep, json.loads((ROOT / "tests" / "sweep_schema.json").read_text()))
     recipe = yaml.safe_load((CONFIGS / "mnist_cpu.yaml").read_text())
     # It minimizes an FID the recipe reports, and runs the recipe.
-    assert sweep["metric"] == {"name": "fid/dpmpp2m_karras20", "goal": "minimize"}
+    assert sweep["metric"] == {"name": "fid/edm_sde65", "goal": "minimize"}
     assert sweep["metric"]["name"].removeprefix("fid/") in recipe["evaluation"]["samplers"]
     command = sweep["command"]
     assert command[:2] == ["${env}", "${interpreter}"] and command[-1] == "${args}"
