@@ -222,8 +222,9 @@ def score(cli, args, emit, out: Path, checkpoint: Optional[dict] = None,
     device = trainer.strategy.root_device
     model.to(device).eval()
     model.apply_memory_format(device)
-    if args.sampling_settings:
-        model.sampling = replace(model.sampling, **args.sampling_settings)
+    settings = getattr(args, "sampling_settings", None)  # ema_sweep's args have none
+    if settings:
+        model.sampling = replace(model.sampling, **settings)
     fid = next((c for c in trainer.callbacks if isinstance(c, Evaluation)), None) or Evaluation()
     features, reason = resolve_fid_weights(fid, args.fid_weights, device.type)
     if reason:

@@ -163,7 +163,7 @@ def test_quality_rescoring_the_checkpoint_gives_the_same_figures(quality_run, mn
     records, out = quality_run
     proc = quality("--config", CONFIGS / "mnist_cpu.yaml", "--quick", "--json", "--ckpt", out / "model.ckpt", "--out",
                    tmp_path, "--fid_cache", out / "cache", "--samplers", "ddim5,ddpm20,edm_sde3", "--sampling",
-                   '{"s_churn": 0, "s_noise": 1.0}', "--", "--data.init_args.data_dir",
+                   '{"s_churn": 0, "s_tmax": 1.0, "s_noise": 1.0}', "--", "--data.init_args.data_dir",
                    mnist_dir, "--evaluation.feature_extractor", "fid_helpers.TinyFeatures")
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = [json.loads(line) for line in proc.stdout.strip().splitlines()]
