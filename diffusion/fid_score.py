@@ -521,7 +521,7 @@ class FIDScorer:
         )
         synchronize(device)
         total = time.perf_counter() - start
-        calls = spec.sampler.network_calls(spec.steps, **spec.sampler.settings_of(getattr(model, "sampling", None)))
+        calls = spec.sampler.calls_with(spec.steps, getattr(model, "sampling", None))
         return FIDRecord(spec, fid, num_samples, seconds, num_samples / max(seconds, 1e-9), max(total - seconds, 0.0),
                          images, list(share[: len(images)]), network_calls=calls)
 

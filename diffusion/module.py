@@ -358,7 +358,7 @@ class DiffusionModel(LightningModule):
         """Network calls of ``sample`` with this sampler and steps (the ``sampling`` group's settings included)."""
         record = sampler_record(self.sampling.sampler if sampler is None else sampler)
         steps = self.default_steps(record.name) if steps is None else steps
-        return record.network_calls(steps, **record.settings_of(self.sampling))
+        return record.calls_with(steps, self.sampling)
 
     def default_steps(self, sampler: Optional[str] = None) -> int:
         """The steps ``sample`` takes when not told: all T for a sampler that takes all, else ``sampling.steps``."""

@@ -519,6 +519,10 @@ class Sampler:
         """Network evaluations of ``steps`` steps with ``options`` (without guidance, which doubles the batch)."""
         return self.calls_per_step * steps - (self.calls_per_step - 1) + self.extra_calls(**{**self.options, **options})
 
+    def calls_with(self, steps: int, sampling: Optional["SamplingDefaults"]) -> int:
+        """Network calls of ``steps`` steps with the options a model's ``sampling`` group gives it."""
+        return self.network_calls(steps, **self.settings_of(sampling))
+
     def settings_of(self, sampling: Optional["SamplingDefaults"]) -> dict[str, Any]:
         """The options ``sampling`` (a model's group) gives it: its ``settings`` that are set (not None)."""
         values = {name: getattr(sampling, name, None) for name in self.settings} if sampling is not None else {}
