@@ -9,7 +9,7 @@ from collections import deque
 from typing import Any, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from diffusion import ranks
 from diffusion.callbacks.common import log_metrics
@@ -128,7 +128,10 @@ class TrainingBudget(Callback):
             self._plan(trainer)
             return
         (plan,) = self._ballot.collect() or (-1,)
-        if plan >= 0:  # rank 0's plan from the last step, applied by every rank now; at least one more step
+        if plan >= 0 and not self._ends_here(trainer):
+            # Rank 0's plan from the last step, applied by every rank now; at least one more step. Not where the run
+            # already ends (its plan reached: ValidateAtLastStep, ahead among the callbacks, stopped it): moved
+            # past this step, the decay would not end at the last step.
             self._apply(trainer, max(plan, trainer.global_step + 1))
         if trainer.is_global_zero:
             self._plan(trainer)
@@ -139,6 +142,14 @@ class TrainingBudget(Callback):
         if self._ballot is not None:
             self._ballot.collect()  # the last step's, submitted by every rank; a plan past the end changes nothing
             self._ballot = None
+        limit = time_limit(trainer) if self.active(trainer) else None
+        step = trainer.global_step
+        if limit is not None and self.planned is not None and step < self.planned and (limit.time_remaining() or 0) <= 0:
+            rank_zero_warn(
+                f"Training budget: max_time ended the run at step {step:,}, {self.planned - step:,} before its plan "
+                f"(step {self.planned:,}), so the learning rate had not finished its decay: this machine's steps got "
+                "slower at the end than the reserve allowed for. A larger --budget.margin keeps more time free."
+            )
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._ballot = None
@@ -161,7 +172,7 @@ class TrainingBudget(Callback):
         remaining = time_limit(trainer).time_remaining()
         if measured <= 0 or remaining is None:
             return
-        if trainer.should_stop or (self.planned is not None and step >= self.planned):
+        if self._ends_here(trainer):
             # The run ends at this step (a callback before this one saw the plan reached): a plan moved past it
             # now would leave the decay unfinished at the last step.
             return
@@ -202,6 +213,11 @@ class TrainingBudget(Callback):
         else:
             self._proposal = plan
         log_metrics(trainer, {"budget/planned_steps": float(plan), "budget/seconds_per_step": pace})
+
+    def _ends_here(self, trainer: Trainer) -> bool:
+        """Whether the run stops after this step: its plan reached, or a stop asked for (alike on every rank:
+        Lightning's Timer and the signal handling decide on every rank together)."""
+        return bool(trainer.should_stop) or (self.planned is not None and trainer.global_step >= self.planned)
 
     def _capped(self, plan: int) -> int:
         """The plan, no further than a configured ``max_steps``."""
