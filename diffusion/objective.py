@@ -21,6 +21,7 @@ from diffusion.samplers import Denoiser, make_timesteps, predict_x0
 from diffusion.schedule import NoiseSchedule, check_prediction
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
+EDM_LOSS_WEIGHTINGS = ("edm", "soft_min_snr")
 # The arguments that make the schedule, with their defaults: a distillation's must be its teacher's.
 SCHEDULE_ARGS = {"schedule": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
 # EDM's sigma_data default (the scale of CIFAR-10 in [-1, 1]): the one place it is written.
@@ -229,6 +230,12 @@ class EDMObjective(Objective):
         sigma_data: sd, the scale of the data around 0: the RMS of the training images in [-1, 1] (EDM uses 0.5 for
             CIFAR-10; MNIST's black background puts its RMS at 0.96, far from its per-pixel std, 0.62).
         p_mean, p_std: mean and standard deviation of ln sigma in training (EDM: -1.2 and 1.2).
+        loss_weighting: ``edm``, the paper's lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on ||D - x_0||^2, or
+            ``soft_min_snr`` (Crowson et al. 2024, k-diffusion's ``soft-min-snr``): 1 / (sigma^2 + sd^2) on it, a
+            smooth min(SNR, 1 / sd^2) that gives the lowest noise levels less weight than EDM's does.
+        stratified: draw each batch's noise levels stratified, one from each of its n equal-probability slices
+            of the log-normal (in random order), rather than independently: the same distribution with less
+            batch-to-batch noise in the loss.
         label_dropout: as for ``Objective``.
     """
 
@@ -241,16 +248,25 @@ class EDMObjective(Objective):
         sigma_data: float = SIGMA_DATA,
         p_mean: float = -1.2,
         p_std: float = 1.2,
+        loss_weighting: str = "edm",
+        stratified: bool = False,
         label_dropout: float = 0.1,
     ) -> None:
         super().__init__(schedule, num_timesteps, beta_start, beta_end, label_dropout=label_dropout)
         self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_options(sigma_data=sigma_data, p_mean=p_mean, p_std=p_std)
+        if loss_weighting not in EDM_LOSS_WEIGHTINGS:
+            raise ConfigError(
+                f"EDMObjective's loss_weighting must be one of {', '.join(EDM_LOSS_WEIGHTINGS)}, got {loss_weighting!r} "
+                "(uniform and min_snr are the plain Objective's)."
+            )
         self.prediction = "edm"  # the network's output is F, read only through this class's conversions
         self.sigma_data, self.p_mean, self.p_std = float(sigma_data), float(p_mean), float(p_std)
+        self.loss_weighting, self.stratified = loss_weighting, bool(stratified)
 
     def extra_repr(self) -> str:
-        return f"sigma_data={self.sigma_data}, p_mean={self.p_mean}, p_std={self.p_std}"
+        return (f"sigma_data={self.sigma_data}, p_mean={self.p_mean}, p_std={self.p_std}, "
+                f"loss_weighting={self.loss_weighting!r}, stratified={self.stratified}")
 
     def _sigma(self, t: Tensor, ndim: int) -> Tensor:
         return self.schedule.sigma_at(t).float().reshape(t.shape[0], *([1] * (ndim - 1)))
@@ -263,7 +279,12 @@ class EDMObjective(Objective):
 
     def sample_timesteps(self, n: int, device: torch.device) -> Tensor:
         """Fractional timesteps whose sigma is log-normal (clamped to the schedule's [sigma_min, sigma_max])."""
-        sigma = (torch.randn(n, device=device) * self.p_std + self.p_mean).exp()
+        if self.stratified:  # one draw from each of n equal-probability slices, shuffled across the batch
+            u = (torch.randperm(n, device=device) + torch.rand(n, device=device)) / n
+            z = torch.special.ndtri(u.clamp(1e-7, 1 - 1e-7))
+        else:
+            z = torch.randn(n, device=device)
+        sigma = (z * self.p_std + self.p_mean).exp()
         return self.schedule.t_at_sigma(sigma)
 
     def net_input(self, x_t: Tensor, t: Tensor) -> Tensor:
@@ -300,6 +321,10 @@ class EDMObjective(Objective):
         out = net(c_in * x, t, labels).float()
         target = (x0.float() - c_skip * x) / c_out
         per_image = F.mse_loss(out, target, reduction="none").mean(dim=(1, 2, 3))
+        if self.loss_weighting == "soft_min_snr":
+            # The MSE of F is EDM's weight times ||D - x_0||^2; this factor turns that weight into 1 / (sigma^2 + sd^2).
+            sd2 = self.sigma_data**2
+            per_image = per_image * (sigma.flatten() ** 2 * sd2 / (sigma.flatten() ** 2 + sd2) ** 2)
         return per_image, t.round().long() if t.is_floating_point() else t
 
 

@@ -148,10 +148,48 @@ def test_edm_draws_log_normal_noise_levels():
     assert log_sigma.std().item() == pytest.approx(0.9, abs=0.02)
 
 
+def test_stratified_draws_take_one_noise_level_from_each_slice_of_the_log_normal():
+    from torch.distributions import Normal
+
+    edm = EDMObjective(sigma_data=0.5, p_mean=-0.6, p_std=1.2, stratified=True)
+    n = 256
+    torch.manual_seed(0)
+    t = edm.sample_timesteps(n, torch.device("cpu"))
+    assert t.is_floating_point() and t.shape == (n,)
+    z = (edm.schedule.sigma_at(t).log() - edm.p_mean) / edm.p_std
+    u = Normal(0.0, 1.0).cdf(z.double()).sort().values
+    # The clamp to the schedule's noise range only moves the outermost slices (sigma_max ~157 is z 4.7 here).
+    i = torch.arange(n, dtype=torch.float64)
+    inner = slice(1, n - 1)
+    assert (u[inner] >= i[inner] / n - 1e-3).all() and (u[inner] <= (i[inner] + 1) / n + 1e-3).all()
+    assert not torch.equal(t, t.sort().values)  # shuffled: the batch's order does not follow the noise level
+    # Independent draws from the same distribution do not fill the slices.
+    torch.manual_seed(0)
+    iid = EDMObjective(sigma_data=0.5, p_mean=-0.6, p_std=1.2).sample_timesteps(n, torch.device("cpu"))
+    u_iid = Normal(0.0, 1.0).cdf((edm.schedule.sigma_at(iid).double().log() + 0.6) / 1.2).sort().values
+    assert ((u_iid < i / n - 1e-3) | (u_iid > (i + 1) / n + 1e-3)).any()
+
+
+def test_soft_min_snr_weights_the_denoising_error_by_one_over_sigma2_plus_sd2():
+    sd = 0.62
+    soft, edm = EDMObjective(sigma_data=sd, loss_weighting="soft_min_snr"), EDMObjective(sigma_data=sd)
+    x0, noise = torch.rand(3, 1, 4, 4) * 2 - 1, torch.randn(3, 1, 4, 4)
+    t = torch.tensor([2.5, 100.0, 700.25])
+    out = torch.randn(3, 1, 4, 4)
+    per_image, _ = soft.loss(lambda x, tt, y: out, x0, t=t, noise=noise)
+    sigma = soft.schedule.sigma_at(t).view(-1, 1, 1, 1)
+    D = soft.denoised((x0 + sigma * noise) / (1 + sigma**2).sqrt(), t, out)
+    assert torch.allclose(per_image, ((D - x0) ** 2 / (sigma**2 + sd**2)).mean(dim=(1, 2, 3)), rtol=1e-4)
+    # k-diffusion's form: EDM's loss times (sigma sd)^2 / (sigma^2 + sd^2)^2, at most 1/4 (at sigma = sd).
+    factor = (sigma * sd) ** 2 / (sigma**2 + sd**2) ** 2
+    assert torch.allclose(per_image, edm.loss(lambda x, tt, y: out, x0, t=t, noise=noise)[0] * factor.flatten(), rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"sigma_data": 0.0}, "sigma_data must be positive"), ({"sigma_data": -1}, "sigma_data must be positive"),
-     ({"p_std": 0.0}, "p_std must be positive"), ({"p_std": -0.5}, "p_std must be positive")],
+     ({"p_std": 0.0}, "p_std must be positive"), ({"p_std": -0.5}, "p_std must be positive"),
+     ({"loss_weighting": "min_snr"}, "loss_weighting must be one of edm, soft_min_snr, got 'min_snr'")],
 )
 def test_edm_bad_settings(kwargs, match):
     with pytest.raises(ConfigError, match=match) as info:
