@@ -73,7 +73,7 @@ RANGES: dict[str, Range] = {
     "seed": Range(0, MAX_SEED, integer=True),
     "class_label": Range(0, None, integer=True),
     "sigma_data": Range(0, None, low_open=True,
-                        hint="the RMS of the training images in [-1, 1]: 0.5 for CIFAR-10 in EDM, 0.96 for MNIST"),
+                        hint="the scale of the training images in [-1, 1]: 0.5 for CIFAR-10 in EDM, 0.6162 for MNIST (its std)"),
     "p_mean": Range(hint="EDM uses p_mean -1.2 and p_std 1.2"),
     "p_std": Range(0, None, low_open=True, hint="EDM uses p_mean -1.2 and p_std 1.2"),
     "s_churn": Range(0, None, hint="EDM's CIFAR-10 VP setting is 30; 0: Heun's ODE sampler"),
