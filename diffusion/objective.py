@@ -230,7 +230,7 @@ class EDMObjective(Objective):
         sigma_data: sd, the scale of the data in [-1, 1] (EDM uses 0.5 for CIFAR-10). MNIST's black background puts
             its RMS at 0.96, far from its per-pixel std, 0.6162, which scored better in the CPU recipe.
         p_mean, p_std: mean and standard deviation of ln sigma in training (EDM: -1.2 and 1.2).
-        loss_weighting: ``edm``, the paper's lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on ||D - x_0||^2, or
+        weighting: ``edm``, the paper's lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on ||D - x_0||^2, or
             ``soft_min_snr`` (Crowson et al. 2024, k-diffusion's ``soft-min-snr``): 1 / (sigma^2 + sd^2) on it, a
             smooth min(SNR, 1 / sd^2) that gives the lowest noise levels less weight than EDM's does.
         stratified: draw each batch's noise levels stratified, one from each of its n equal-probability slices
@@ -248,25 +248,27 @@ class EDMObjective(Objective):
         sigma_data: float = SIGMA_DATA,
         p_mean: float = -1.2,
         p_std: float = 1.2,
-        loss_weighting: str = "edm",
+        weighting: str = "edm",
         stratified: bool = False,
         label_dropout: float = 0.1,
     ) -> None:
         super().__init__(schedule, num_timesteps, beta_start, beta_end, label_dropout=label_dropout)
         self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_options(sigma_data=sigma_data, p_mean=p_mean, p_std=p_std)
-        if loss_weighting not in EDM_LOSS_WEIGHTINGS:
+        # Not called loss_weighting: a command line that switches an Objective's config to this class would carry
+        # the plain objective's `loss_weighting: uniform` over.
+        if weighting not in EDM_LOSS_WEIGHTINGS:
             raise ConfigError(
-                f"EDMObjective's loss_weighting must be one of {', '.join(EDM_LOSS_WEIGHTINGS)}, got {loss_weighting!r} "
-                "(uniform and min_snr are the plain Objective's)."
+                f"EDMObjective's weighting must be one of {', '.join(EDM_LOSS_WEIGHTINGS)}, got {weighting!r} "
+                "(uniform and min_snr are the plain Objective's loss_weighting)."
             )
         self.prediction = "edm"  # the network's output is F, read only through this class's conversions
         self.sigma_data, self.p_mean, self.p_std = float(sigma_data), float(p_mean), float(p_std)
-        self.loss_weighting, self.stratified = loss_weighting, bool(stratified)
+        self.weighting, self.stratified = weighting, bool(stratified)
 
     def extra_repr(self) -> str:
         return (f"sigma_data={self.sigma_data}, p_mean={self.p_mean}, p_std={self.p_std}, "
-                f"loss_weighting={self.loss_weighting!r}, stratified={self.stratified}")
+                f"weighting={self.weighting!r}, stratified={self.stratified}")
 
     def _sigma(self, t: Tensor, ndim: int) -> Tensor:
         return self.schedule.sigma_at(t).float().reshape(t.shape[0], *([1] * (ndim - 1)))
@@ -321,7 +323,7 @@ class EDMObjective(Objective):
         out = net(c_in * x, t, labels).float()
         target = (x0.float() - c_skip * x) / c_out
         per_image = F.mse_loss(out, target, reduction="none").mean(dim=(1, 2, 3))
-        if self.loss_weighting == "soft_min_snr":
+        if self.weighting == "soft_min_snr":
             # The MSE of F is EDM's weight times ||D - x_0||^2; this factor turns that weight into 1 / (sigma^2 + sd^2).
             sd2 = self.sigma_data**2
             per_image = per_image * (sigma.flatten() ** 2 * sd2 / (sigma.flatten() ** 2 + sd2) ** 2)
@@ -562,7 +564,7 @@ class ConsistencyTuning(EDMObjective):
         p_std: float = 2.0,
         label_dropout: float = 0.1,
     ) -> None:
-        super().__init__(schedule, num_timesteps, beta_start, beta_end, sigma_data, p_mean, p_std, label_dropout)
+        super().__init__(schedule, num_timesteps, beta_start, beta_end, sigma_data, p_mean, p_std, label_dropout=label_dropout)
         self.init_args = {k_: v for k_, v in locals().items() if k_ not in ("self", "__class__")}
         if stage_steps < 1:
             raise ConfigError(f"stage_steps must be positive, got {stage_steps} (optimizer steps per stage of the gap).")

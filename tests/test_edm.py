@@ -172,7 +172,7 @@ def test_stratified_draws_take_one_noise_level_from_each_slice_of_the_log_normal
 
 def test_soft_min_snr_weights_the_denoising_error_by_one_over_sigma2_plus_sd2():
     sd = 0.62
-    soft, edm = EDMObjective(sigma_data=sd, loss_weighting="soft_min_snr"), EDMObjective(sigma_data=sd)
+    soft, edm = EDMObjective(sigma_data=sd, weighting="soft_min_snr"), EDMObjective(sigma_data=sd)
     x0, noise = torch.rand(3, 1, 4, 4) * 2 - 1, torch.randn(3, 1, 4, 4)
     t = torch.tensor([2.5, 100.0, 700.25])
     out = torch.randn(3, 1, 4, 4)
@@ -189,7 +189,7 @@ def test_soft_min_snr_weights_the_denoising_error_by_one_over_sigma2_plus_sd2():
     "kwargs, match",
     [({"sigma_data": 0.0}, "sigma_data must be positive"), ({"sigma_data": -1}, "sigma_data must be positive"),
      ({"p_std": 0.0}, "p_std must be positive"), ({"p_std": -0.5}, "p_std must be positive"),
-     ({"loss_weighting": "min_snr"}, "loss_weighting must be one of edm, soft_min_snr, got 'min_snr'")],
+     ({"weighting": "min_snr"}, "weighting must be one of edm, soft_min_snr, got 'min_snr'")],
 )
 def test_edm_bad_settings(kwargs, match):
     with pytest.raises(ConfigError, match=match) as info:
